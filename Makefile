@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` (the whole pipeline on the bundled data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test full verify clean-demo
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) run_pipeline.py --preset demo
+
+full: $(VENV)/.installed
+	$(PY) run_pipeline.py --preset full
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+verify: $(VENV)/.installed
+	$(PY) verify_models.py
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,34 @@
+"""Generate with include / exclude / class hooks in the direct decoder's bottleneck, and attribute each
+generation to the training images whose reference features it most resembles."""
+import argparse
+
+from models.attribution import AttributionOptions, attribution_generation
+from models.cli import add_common, options_from_args
+from models.io import run_cli
+
+
+def main():
+    d = AttributionOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint")
+    p.add_argument("--decoder_ckpt", default=d.decoder_ckpt, help="direct-decoder checkpoint")
+    p.add_argument("--ref_features_path", default=d.ref_features_path, help="from extract_reference_features.py")
+    p.add_argument("--n_samples", type=int, default=d.n_samples, help="generations per hook")
+    p.add_argument("--output_dir", default=d.output_dir, help="PNGs, attribution_results.pt, attribution_report.json")
+    p.add_argument("--include", type=int, nargs="+", default=d.include, help="reference indices to pull toward")
+    p.add_argument("--exclude", type=int, nargs="+", default=d.exclude, help="reference indices to push away from")
+    p.add_argument("--target_class", type=int, default=d.target_class, help="class of the class hook")
+    p.add_argument("--strength", type=float, nargs="+", default=d.strength,
+                   help="hook strength in [0, 1]; several values make a sweep (the first names the main PNGs)")
+    p.add_argument("--top_k", type=int, default=d.top_k, help="training images reported per generation")
+    p.add_argument("--seed", type=int, default=d.seed, help="noise of sample i depends only on (seed, i)")
+    p.add_argument("--n_eval", type=int, default=d.n_eval, help="generations per strength in the evaluation")
+    p.add_argument("--no_evaluate", dest="evaluate", action="store_false", help="skip attribution_report.json")
+    p.add_argument("--classifier", default=d.classifier, help="project classifier used by the evaluation")
+    add_common(p)
+    args = p.parse_args()
+    attribution_generation(options_from_args(AttributionOptions, args), dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    run_cli(main)

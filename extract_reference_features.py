@@ -1,0 +1,35 @@
+"""Bottleneck features of every training image, in the space the direct decoder's hooks act on."""
+import argparse
+
+from models.cli import add_common, options_from_args
+from models.data import SOURCES
+from models.features import FeatureOptions, extract_reference_features
+from models.io import run_cli
+
+
+def main():
+    d = FeatureOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint (used for DDIM inversion)")
+    p.add_argument("--decoder_ckpt", default=d.decoder_ckpt, help="direct-decoder checkpoint")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per batch")
+    p.add_argument("--output_path", default=d.output_path, help="output file (features, labels, indices, latents)")
+    p.add_argument("--dataset", choices=SOURCES, default=d.dataset,
+                   help="training images; default: the teacher's data source (mnist for upstream checkpoints)")
+    p.add_argument("--split", choices=["train", "test"], default=d.split, help="dataset split")
+    p.add_argument("--limit", type=int, default=d.limit, help="use only the first N images (0: all)")
+    p.add_argument("--inversion_steps", type=int, default=d.inversion_steps, help="DDIM inversion steps")
+    p.add_argument("--spacing", choices=["leading", "trailing"], default=d.spacing, help="DDIM inversion grid")
+    p.add_argument("--fp16", action="store_true", help="store features as float16 (half the file size)")
+    p.add_argument("--no_latents", dest="store_latents", action="store_false", help="do not store the latents")
+    p.add_argument("--consistency_samples", type=int, default=d.consistency_samples,
+                   help="generated samples used to measure that extraction recovers the student's own features")
+    p.add_argument("--shard_size", type=int, default=d.shard_size, help="images per resumable shard; 0: 10 batches")
+    p.add_argument("--download", action="store_true", help="allow downloading --dataset mnist")
+    add_common(p)
+    args = p.parse_args()
+    extract_reference_features(options_from_args(FeatureOptions, args), dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    run_cli(main)

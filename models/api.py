@@ -1,0 +1,83 @@
+"""One import for notebooks: load teacher, student and reference features from their files (no architecture
+flags), generate with any hook, and get attributions back as tensors.
+
+    from models.api import DirectDecoderPipeline
+    pipe = DirectDecoderPipeline.load("teacher.pt", "best_model.pt", "reference_features.pt")
+    out = pipe.generate(16, hook=pipe.toward_class(3, 0.8))
+    out.images, out.top_k_indices, out.top_k_labels
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .attribution import Steering
+from .checkpoint import load_teacher
+from .features import check_feature_pairing, load_reference_features
+from .hooks import Hook
+from .io import PipelineError, pick_device
+from .noise import per_sample_noise
+from .sampling import DEFAULT_DDIM_STEPS, teacher_sample
+from .student import check_pairing, load_student
+
+
+@dataclass
+class Generation:
+    noise: torch.Tensor           # [N, 1, 28, 28]
+    images: torch.Tensor          # [N, 1, 28, 28] in [-1, 1]
+    features: torch.Tensor        # bottleneck after the hook, [N, C, 7, 7]
+    top_k_scores: Optional[torch.Tensor] = None
+    top_k_indices: Optional[torch.Tensor] = None
+    top_k_labels: Optional[torch.Tensor] = None
+
+
+class DirectDecoderPipeline:
+    def __init__(self, teacher, student, reference: Optional[dict], device):
+        self.teacher, self.student, self.reference, self.device = teacher, student, reference, device
+        self.steering = Steering(student.decoder, reference, device) if reference is not None else None
+
+    @classmethod
+    def load(cls, teacher_path: str, decoder_path: str, features_path: Optional[str] = None,
+             device: Optional[str] = None) -> "DirectDecoderPipeline":
+        dev = torch.device(device) if device else pick_device()
+        teacher = load_teacher(teacher_path, dev)
+        student = load_student(decoder_path, dev)
+        check_pairing(student, teacher.sha256, teacher_path)
+        reference = None
+        if features_path is not None:
+            reference = load_reference_features(features_path, dev)
+            check_feature_pairing(reference, teacher.sha256, student.sha256, features_path)
+        return cls(teacher, student, reference, dev)
+
+    def _need_reference(self) -> Steering:
+        if self.steering is None:
+            raise PipelineError("this needs reference features: DirectDecoderPipeline.load(..., features_path=...)")
+        return self.steering
+
+    def include(self, indices, strength: float = 0.5) -> Hook:
+        return self._need_reference().include(indices, strength)
+
+    def exclude(self, indices, strength: float = 0.5) -> Hook:
+        return self._need_reference().exclude(indices, strength)
+
+    def toward_class(self, label: int, strength: float = 0.5) -> Hook:
+        return self._need_reference().toward_class(label, strength)
+
+    def noise(self, n: int, seed: int = 0) -> torch.Tensor:
+        return per_sample_noise(seed, range(n), device=self.device)
+
+    @torch.inference_mode()
+    def generate(self, n: int = 16, seed: int = 0, hook: Optional[Hook] = None, top_k: int = 5,
+                 noise: Optional[torch.Tensor] = None) -> Generation:
+        z = self.noise(n, seed) if noise is None else noise.to(self.device)
+        images, _, feats = self.student.decoder.generate(z, hook)
+        result = Generation(z, images.float().clamp(-1, 1), feats)
+        if self.steering is not None:
+            result.top_k_scores, result.top_k_indices, result.top_k_labels = self.steering.attribute(feats, top_k)
+        return result
+
+    def teacher_images(self, noise: torch.Tensor, steps: int = DEFAULT_DDIM_STEPS) -> torch.Tensor:
+        """The teacher's DDIM image for the same noise, to compare with the student."""
+        return teacher_sample(self.teacher.diffusion, noise.to(self.device), "ddim", steps)

@@ -1,0 +1,69 @@
+"""Reading teacher checkpoints: ours (self-describing) and upstream MNISTDiffusion's (config inferred)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .diffusion import MNISTDiffusion, TeacherConfig
+from .io import PipelineError, load_checkpoint, sha256_file
+
+TEACHER_FIX = "pass an MNISTDiffusion checkpoint (train one with `python train_ddpm.py`, or use checkpoints/teacher_mnist5k.pt)"
+EMA_PREFIX = "module."
+
+
+def strip_ema(ema_state: dict) -> dict:
+    """AveragedModel keeps the wrapped module under ``module.`` and adds ``n_averaged``."""
+    return {k[len(EMA_PREFIX):]: v for k, v in ema_state.items() if k.startswith(EMA_PREFIX)}
+
+
+def infer_teacher_config(state: dict) -> TeacherConfig:
+    """Recovers the architecture from tensor shapes, so upstream checkpoints need no architecture flags."""
+    try:
+        timesteps, time_dim = state["model.time_embedding.weight"].shape
+        base_dim, in_channels = state["model.init_conv.module.0.weight"].shape[:2]
+        n_stages = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.encoder_blocks."))
+        mults = []
+        for i in range(n_stages):
+            half_out = state[f"model.encoder_blocks.{i}.conv1.branch1.2.module.0.weight"].shape[0]
+            mults.append(2 * half_out // base_dim)
+    except (KeyError, ValueError, AttributeError) as err:
+        raise PipelineError(f"not an MNISTDiffusion state dict (missing {err})") from err
+    image_size = 28
+    return TeacherConfig(image_size=image_size, in_channels=int(in_channels), time_embedding_dim=int(time_dim),
+                         timesteps=int(timesteps), base_dim=int(base_dim), dim_mults=mults)
+
+
+@dataclass
+class LoadedTeacher:
+    diffusion: MNISTDiffusion
+    config: TeacherConfig
+    path: str
+    sha256: str
+    weights: str  # "ema" or "model"
+    checkpoint: dict  # everything else the file carried (config, data source, step ...)
+
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu", prefer_ema: bool = True) -> LoadedTeacher:
+    ckpt = load_checkpoint(path, device, what="teacher checkpoint", fix=TEACHER_FIX)
+    if ckpt.get("kind") == "direct_decoder":
+        raise PipelineError(f"{path} is a direct-decoder (student) checkpoint; the teacher is the DDPM checkpoint "
+                            f"it was distilled from (its sha256 is {ckpt.get('teacher', {}).get('sha256', '?')[:12]})")
+    if ckpt.get("kind") not in (None, "teacher") or "model" not in ckpt:
+        raise PipelineError(f"{path} is not a teacher checkpoint: expected keys 'model'/'model_ema', "
+                            f"found {sorted(k for k in ckpt if not k.startswith('_'))[:6]}")
+    state, weights = ckpt["model"], "model"
+    if prefer_ema and isinstance(ckpt.get("model_ema"), dict):
+        state, weights = strip_ema(ckpt["model_ema"]), "ema"
+    config = TeacherConfig(**ckpt["model_args"]) if "model_args" in ckpt else infer_teacher_config(state)
+    if "model_args" in ckpt:
+        config.dim_mults = list(config.dim_mults)
+    diffusion = MNISTDiffusion(config)
+    try:
+        diffusion.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise PipelineError(f"{path}: weights do not match the MNISTDiffusion architecture "
+                            f"({str(err).splitlines()[0][:200]})") from err
+    diffusion.to(device).eval().requires_grad_(False)
+    return LoadedTeacher(diffusion, config, str(path), sha256_file(path), weights, ckpt)

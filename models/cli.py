@@ -1,0 +1,19 @@
+"""Flags every stage shares, so each script spells them the same way."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+
+def add_common(parser: argparse.ArgumentParser, resume: bool = False) -> None:
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="resolve and print the configuration, check the inputs, and exit without work")
+    if resume:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the latest checkpoint in the output directory")
+
+
+def options_from_args(cls, args: argparse.Namespace):
+    values = vars(args)
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})

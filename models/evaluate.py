@@ -1,0 +1,111 @@
+"""Student evaluation: fidelity to the teacher, sample quality against real images, and speed."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .checkpoint import load_teacher
+from .classifier import load_classifier
+from .data import load_dataset
+from .io import DEFAULT_CLASSIFIER, atomic_write_json, pick_device, software_versions
+from .metrics import image_quality_report
+from .noise import per_sample_noise
+from .sampling import DEFAULT_DDIM_STEPS
+from .student import check_pairing, load_student
+from .train_student import load_training_pairs, student_split
+
+
+def shuffled_real_images(source: str, n: int, seed: int = 0) -> torch.Tensor:
+    """Real images in random order: mnist5k is sorted by label, so a prefix would be all zeros."""
+    data = load_dataset(source, "train")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.images[order[:n]]
+
+
+@torch.inference_mode()
+def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.inference_mode()
+def images_per_second(fn, x: torch.Tensor, repeats: int = 3) -> float:
+    fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return x.shape[0] / best
+
+
+def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: str, output_path,
+                                cpu: bool = False, classifier_path: str = DEFAULT_CLASSIFIER,
+                                n_real: int = 5000, speed_batch: int = 64, batch_size: int = 256) -> dict:
+    """On the held-out validation pairs: pixel MSE to the teacher, class agreement, Frechet distances to real
+    images (project classifier features), and images/s of student vs teacher at the same batch size."""
+    device = pick_device(cpu)
+    teacher = load_teacher(ddpm_ckpt, device)
+    student = load_student(decoder_ckpt, device)
+    check_pairing(student, teacher.sha256, ddpm_ckpt)
+    data = load_training_pairs(data_path)
+    val_idx = torch.as_tensor(_val_indices(student.checkpoint, data["noise"].shape[0]))
+    noise, teacher_images = data["noise"][val_idx].to(device), data["images"][val_idx].to(device)
+    student_images = _batched(lambda z: student.decoder(z).float().clamp(-1, 1), noise, batch_size)
+    classifier = load_classifier(classifier_path, device)
+    real = shuffled_real_images(evaluation_source(teacher.checkpoint.get("data_source")), n_real).to(device)
+    student_q = image_quality_report(student_images, classifier, real)
+    teacher_q = image_quality_report(teacher_images, classifier, real)
+    half = real.shape[0] // 2
+    real_q = image_quality_report(real[:half], classifier, real[half:])
+    with torch.inference_mode():
+        agree = (_batched(classifier, student_images, batch_size).argmax(1) ==
+                 _batched(classifier, teacher_images, batch_size).argmax(1)).float().mean().item()
+    meta = data.get("metadata", {})
+    k = int(meta.get("steps", DEFAULT_DDIM_STEPS)) if meta.get("sampler") == "ddim" else DEFAULT_DDIM_STEPS
+    z = per_sample_noise(12345, range(speed_batch), device=device)
+    t_mid = torch.full((speed_batch,), teacher.config.timesteps // 2, device=device, dtype=torch.long)
+    student_ips = images_per_second(student.decoder, z)
+    unet_evals_per_s = images_per_second(lambda x: teacher.diffusion.predict_noise(x, t_mid), z)
+    report = {
+        "n_val": int(len(val_idx)),
+        "val_mse_to_teacher": torch.mean((student_images - teacher_images) ** 2).item(),
+        "class_agreement_student_teacher": agree,
+        "frechet_distance": {"student_vs_real": student_q["frechet_distance"],
+                             "teacher_vs_real": teacher_q["frechet_distance"],
+                             "real_half_vs_real_half": real_q["frechet_distance"]},
+        "fd_ratio_student_over_teacher": student_q["frechet_distance"] / max(teacher_q["frechet_distance"], 1e-12),
+        "quality": {"student": student_q, "teacher": teacher_q, "real_half": real_q},
+        "speed": {"batch_size": speed_batch, "device": str(device), "student_images_per_s": student_ips,
+                  "teacher_unet_evals_per_s": unet_evals_per_s,
+                  f"teacher_ddim{k}_images_per_s": unet_evals_per_s / k,
+                  "teacher_ddpm1000_images_per_s": unet_evals_per_s / teacher.config.timesteps,
+                  f"speedup_vs_ddim{k}": student_ips / (unet_evals_per_s / k),
+                  "speedup_vs_ddpm1000": student_ips / (unet_evals_per_s / teacher.config.timesteps),
+                  "note": "teacher images/s = measured UNet evaluations/s divided by the number of steps "
+                          "(sampling cost is linear in steps)"},
+        "teacher": {"path": ddpm_ckpt, "sha256": teacher.sha256}, "student": {"path": decoder_ckpt,
+                                                                             "sha256": student.sha256},
+        "versions": software_versions(),
+    }
+    atomic_write_json(report, output_path)
+    fd = report["frechet_distance"]
+    print(f"evaluation ({report['n_val']} val pairs): MSE to teacher {report['val_mse_to_teacher']:.4f}, "
+          f"class agreement {agree:.1%}, FD student {fd['student_vs_real']:.2f} / teacher {fd['teacher_vs_real']:.2f}"
+          f" / real {fd['real_half_vs_real_half']:.2f}, student {report['speed'][f'speedup_vs_ddim{k}']:.0f}x faster "
+          f"than DDIM-{k} -> {output_path}")
+    return report
+
+
+def _val_indices(student_ckpt: dict, n: int) -> list[int]:
+    opts = student_ckpt["config"]["options"]
+    return student_split(n, opts["val_fraction"], opts["seed"])[1].tolist()
+
+
+def evaluation_source(teacher_source: str | None) -> str:
+    """Real images to compare against: the teacher's own data where it is offline, else the bundled digits."""
+    return "fashion-mnist" if teacher_source == "fashion-mnist" else "mnist5k"

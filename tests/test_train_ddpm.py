@@ -1,0 +1,252 @@
+"""train_ddpm.py: bit-exact resume after SIGKILL, upstream checkpoint format, logs and artifacts, CLI contract."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+import models.train_teacher
+from models.checkpoint import infer_teacher_config, load_teacher, strip_ema
+from models.diffusion import MNISTDiffusion, TeacherConfig
+from models.train_teacher import list_checkpoints
+
+CKPT_NAME = re.compile(r"^steps_\d{8}\.pt$")
+SCHEDULE_KEYS = ("betas", "alphas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+ALL_OPTIONS = ("--dataset", "--download", "--output_dir", "--epochs", "--steps", "--batch_size", "--lr",
+               "--model_base_dim", "--dim_mults", "--timesteps", "--model_ema_steps", "--model_ema_decay", "--seed",
+               "--save_every", "--keep_last", "--n_samples", "--sample_steps", "--log_every", "--threads", "--cpu",
+               "--dry-run", "--resume")
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_identical(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max().item()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for key in a:
+            _assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def in_process(train_cli, mnist5k, monkeypatch, capsys):
+    """Runs train_ddpm.py's __main__ (argparse + run_cli) in this interpreter: (exit code, stdout, stderr).
+
+    Cheaper than a subprocess (no torch import, and mnist5k comes from the session cache)."""
+    real = models.train_teacher.load_dataset
+
+    def cached(source, split="train", download=False):
+        return mnist5k if (source, split) == ("mnist5k", "train") else real(source, split, download)
+    monkeypatch.setattr(models.train_teacher, "load_dataset", cached)
+    return lambda args: _run_in_process(train_cli.repo, args, monkeypatch, capsys)
+
+
+def _run_in_process(repo, args, monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["train_ddpm.py", *map(str, args)])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(repo / "train_ddpm.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------- SIGKILL and resume
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, train_cli) -> dict:
+    """The same 8-step command as the reference run, SIGKILLed as soon as steps_00000004.pt appears."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    args = train_cli.teacher_args + ["--output_dir", str(out)]
+    log = out.parent / "killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(train_cli.command(*args), cwd=train_cli.repo, env=train_cli.env(), stdout=sink,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        try:
+            while not (out / "steps_00000004.pt").exists():
+                assert proc.poll() is None, f"run exited ({proc.returncode}) before step 4:\n{log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "no checkpoint at step 4 within 300 s"
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            if proc.poll() is None:  # a failed assertion above: do not leave our child running
+                proc.kill()
+            returncode = proc.wait(timeout=60)
+    return {"dir": out, "args": args, "returncode": returncode, "files": sorted(p.name for p in out.iterdir())}
+
+
+def test_killed_run_leaves_loadable_checkpoints(killed_run):
+    out = killed_run["dir"]
+    # SIGKILL, unless the tiny run outraced the poll and finished (then rc 0; either way checkpoints are whole).
+    assert killed_run["returncode"] in (-signal.SIGKILL, 0)
+    if killed_run["returncode"] == 0:
+        warnings.warn("the run finished before SIGKILL landed; only the resume half was exercised")
+    finals = [name for name in killed_run["files"] if name.startswith("steps_") and name.endswith(".pt")]
+    assert "steps_00000004.pt" in finals
+    for name in finals:
+        assert CKPT_NAME.match(name), f"stray file under a checkpoint name: {name}"
+        ckpt = _load(out / name)
+        assert ckpt["step"] == int(name[6:14])
+        assert ckpt["kind"] == "teacher" and {"model", "model_ema", "optimizer", "scheduler"} <= set(ckpt)
+    # Half-written files only ever live under hidden *.tmp names, which are never taken for checkpoints.
+    for name in killed_run["files"]:
+        assert not name.endswith(".tmp") or name.startswith("."), name
+    assert [p.name for p in list_checkpoints(out)] == sorted(finals)
+
+
+def test_resume_after_kill_is_bitwise_identical(killed_run, tiny_teacher_run, tmp_path, train_cli):
+    work = tmp_path / "run"
+    shutil.copytree(killed_run["dir"], work)
+    for later in [p for p in list_checkpoints(work) if p.name != "steps_00000004.pt"]:
+        later.unlink()  # resume from step 4 even if the kill landed after a later save
+    args = train_cli.teacher_args + ["--output_dir", str(work), "--resume"]
+    proc = train_cli.run(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at step 4/8" in proc.stdout
+    resumed = _load(work / "steps_00000008.pt")
+    straight = _load(tiny_teacher_run["final"])
+    assert resumed["step"] == straight["step"] == 8
+    for key in ("model", "model_ema", "optimizer", "scheduler"):
+        _assert_identical(resumed[key], straight[key], key)
+    # Not vacuous: the weights moved between step 4 and step 8.
+    four = _load(work / "steps_00000004.pt")
+    assert not torch.equal(four["model"]["model.final_conv.weight"], resumed["model"]["model.final_conv.weight"])
+
+
+# ---------------------------------------------------------------- checkpoint format
+
+def test_checkpoint_is_upstream_format(tiny_teacher_ckpt, tmp_path):
+    ckpt = _load(tiny_teacher_ckpt)
+    assert {"model", "model_ema", "kind", "model_args", "config", "step", "optimizer", "scheduler"} <= set(ckpt)
+    model, ema = ckpt["model"], ckpt["model_ema"]
+    assert "n_averaged" in ema and int(ema["n_averaged"]) == 4  # EMA updates at steps 0, 2, 4, 6
+    assert all(k.startswith("module.") for k in ema if k != "n_averaged")
+    stripped = strip_ema(ema)
+    assert set(stripped) == set(model)
+    assert all(stripped[k].shape == model[k].shape for k in model)
+    for key in SCHEDULE_KEYS:
+        assert key in model and key in stripped
+    assert any(k.endswith("running_mean") for k in model)
+    # The EMA is an average, not a copy of the last weights.
+    assert not torch.equal(stripped["model.final_conv.weight"], model["model.final_conv.weight"])
+
+    # Upstream's own reader: MNISTDiffusion + AveragedModel, strict.
+    cfg = TeacherConfig(base_dim=4, dim_mults=[2, 4], timesteps=50)
+    net = MNISTDiffusion(cfg)
+    net.load_state_dict(model, strict=True)
+    averaged = AveragedModel(MNISTDiffusion(cfg), use_buffers=True)
+    averaged.load_state_dict(ema, strict=True)
+
+    teacher = load_teacher(tiny_teacher_ckpt)
+    assert teacher.weights == "ema"
+    assert (teacher.config.base_dim, list(teacher.config.dim_mults), teacher.config.timesteps) == (4, [2, 4], 50)
+    assert torch.equal(teacher.diffusion.model.final_conv.weight, stripped["model.final_conv.weight"])
+
+    # Stripped to upstream's two keys, the architecture is inferred from the shapes alone.
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": model, "model_ema": ema}, bare)
+    inferred = load_teacher(bare)
+    assert inferred.config == TeacherConfig(base_dim=4, dim_mults=[2, 4], timesteps=50)
+    assert infer_teacher_config(model) == inferred.config
+    with torch.no_grad():
+        x, t = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 40])
+        assert torch.equal(inferred.diffusion.predict_noise(x, t), teacher.diffusion.predict_noise(x, t))
+
+
+# ---------------------------------------------------------------- logs and artifacts
+
+def test_logs_grids_and_options(tiny_teacher_run):
+    out = tiny_teacher_run["dir"]
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]  # --log_every 2 over 8 steps
+    for r in rows:
+        assert math.isfinite(r["loss"]) and 0 < r["loss"] < 10
+        assert math.isfinite(r["lr"]) and 0 < r["lr"] <= 1e-3
+    assert rows[0]["lr"] > rows[2]["lr"]  # OneCycle is annealing
+    png_magic = b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    grid = out / "steps_00000008.png"
+    assert grid.read_bytes()[:8] == png_magic
+    with Image.open(grid) as im:
+        assert im.size == (62, 62)  # 4 samples: 2 x 2 tiles of 28 px with 2 px padding
+    assert (out / "loss.png").read_bytes()[:8] == png_magic
+    options = json.loads((out / "training_options.json").read_text())
+    assert options["total_steps"] == 8 and options["n_images"] == 5000
+    assert options["options"]["batch_size"] == 8 and options["options"]["base_dim"] == 4
+    assert options["model_args"]["timesteps"] == 50 and options["model_args"]["dim_mults"] == [2, 4]
+    assert "torch" in options["versions"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in list_checkpoints(out)) == ["steps_00000004.pt", "steps_00000008.pt"]
+
+
+# ---------------------------------------------------------------- CLI contract
+
+def test_rerun_without_resume_refuses(tiny_teacher_run, train_cli):
+    out = tiny_teacher_run["dir"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    proc = train_cli.run(*tiny_teacher_run["args"])
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--resume" in lines[0], proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_resume_with_other_options_refuses(tiny_teacher_run, in_process):
+    code, _, err = in_process(tiny_teacher_run["args"] + ["--resume", "--lr", "0.002"])
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error: --resume with a different lr")
+
+
+@pytest.mark.parametrize("extra,needle", [(["--batch_size", "0"], "--batch_size"),
+                                          (["--dataset", "nosuch"], "nosuch"),
+                                          (["--lr", "nan"], "--lr")])
+def test_bad_options_exit_1(extra, needle, tmp_path, train_cli, in_process):
+    out = tmp_path / "o"
+    code, _, err = in_process(train_cli.tiny_args + ["--output_dir", out] + extra)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert not out.exists()
+
+
+def test_dry_run_prints_config_and_writes_nothing(tmp_path, train_cli, in_process):
+    out = tmp_path / "dry"
+    code, stdout, _ = in_process(train_cli.tiny_args + ["--steps", "8", "--output_dir", out, "--dry-run"])
+    assert code == 0
+    config = json.loads(stdout)
+    assert config["total_steps"] == 8 and config["options"]["base_dim"] == 4
+    assert config["model_args"]["timesteps"] == 50 and config["device"] == "cpu"
+    assert not out.exists()
+
+
+def test_help_mentions_every_option(in_process):
+    code, stdout, _ = in_process(["--help"])
+    assert code == 0
+    missing = [opt for opt in ALL_OPTIONS if opt not in stdout]
+    assert not missing, f"--help does not mention {missing}"
+

@@ -1,0 +1,39 @@
+"""Train a teacher DDPM in the MNISTDiffusion format (upstream recipe), resumable bit-exactly."""
+import argparse
+
+from models.cli import add_common, options_from_args
+from models.io import run_cli
+from models.train_teacher import TeacherTrainOptions, train_teacher
+
+
+def main():
+    d = TeacherTrainOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=d.dataset, help="data source: mnist5k (bundled), fashion-mnist, mnist")
+    p.add_argument("--download", action="store_true", help="allow downloading --dataset mnist into ./mnist_data")
+    p.add_argument("--output_dir", default=d.output_dir, help="checkpoints steps_XXXXXXXX.pt, grids, stats.jsonl")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the data (ignored if --steps > 0)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps; 0 derives it from --epochs")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the OneCycle schedule")
+    p.add_argument("--model_base_dim", dest="base_dim", type=int, default=d.base_dim, help="UNet base channels")
+    p.add_argument("--dim_mults", type=int, nargs="+", default=d.dim_mults, help="channel multipliers per stage")
+    p.add_argument("--timesteps", type=int, default=d.timesteps, help="diffusion steps T")
+    p.add_argument("--model_ema_steps", dest="ema_every", type=int, default=d.ema_every,
+                   help="update the EMA every N steps")
+    p.add_argument("--model_ema_decay", dest="ema_decay", type=float, default=d.ema_decay,
+                   help="EMA decay before upstream's batch-size/epochs adjustment")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds weights, data order, noise (per step)")
+    p.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep_last", type=int, default=d.keep_last, help="checkpoints kept in output_dir")
+    p.add_argument("--n_samples", type=int, default=d.n_samples, help="images in the per-epoch sample grid")
+    p.add_argument("--sample_steps", type=int, default=d.sample_steps, help="DDIM steps for the sample grid")
+    p.add_argument("--log_every", type=int, default=d.log_every, help="append to stats.jsonl every N steps")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (0: torch's default)")
+    add_common(p, resume=True)
+    args = p.parse_args()
+    train_teacher(options_from_args(TeacherTrainOptions, args), resume=args.resume, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,40 @@
+"""Train the one-step direct decoder (noise -> teacher image), warm-started from the teacher DDPM."""
+import argparse
+
+from models.cli import add_common, options_from_args
+from models.io import run_cli
+from models.train_student import StudentTrainOptions, train_student
+
+
+def main():
+    d = StudentTrainOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint the training data came from")
+    p.add_argument("--data_path", default=d.data_path, help="training_data.pt from generate_training_data.py")
+    p.add_argument("--output_dir", default=d.output_dir,
+                   help="ckpt_epoch_XXX.pt, best_model.pt, samples_epoch_XXX.png, stats.jsonl, loss.png")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training pairs")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="pairs per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, warm-up + cosine)")
+    p.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--loss", choices=["mse", "huber"], default=d.loss, help="pixel loss to the teacher image")
+    p.add_argument("--huber_delta", type=float, default=d.huber_delta, help="Huber transition point")
+    p.add_argument("--perceptual_weight", type=float, default=d.perceptual_weight,
+                   help="weight of a feature-matching loss in the project classifier's feature space (0: off)")
+    p.add_argument("--classifier", default=d.classifier, help="classifier for the perceptual loss and evaluation")
+    p.add_argument("--ema_decay", type=float, default=d.ema_decay, help="EMA decay per step (with warm-up)")
+    p.add_argument("--grad_clip", type=float, default=d.grad_clip, help="max gradient norm")
+    p.add_argument("--val_fraction", type=float, default=d.val_fraction, help="validation share, split fixed by seed")
+    p.add_argument("--n_preview", type=int, default=d.n_preview, help="validation pairs in samples_epoch_XXX.png")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the split, data order and initialisation")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=d.precision,
+                   help="GPU arithmetic (ignored on CPU, which always runs fp32)")
+    p.add_argument("--no_evaluate", dest="evaluate", action="store_false",
+                   help="skip the evaluation (evaluation.json) at the end")
+    add_common(p, resume=True)
+    args = p.parse_args()
+    train_student(options_from_args(StudentTrainOptions, args), resume=args.resume, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    run_cli(main)
