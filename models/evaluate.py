@@ -11,7 +11,7 @@ from .data import load_dataset
 from .io import DEFAULT_CLASSIFIER, atomic_write_json, pick_device, software_versions
 from .metrics import image_quality_report
 from .noise import per_sample_noise
-from .sampling import DEFAULT_DDIM_STEPS
+from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, teacher_sample
 from .student import check_pairing, load_student
 from .train_student import load_training_pairs, student_split
 
@@ -29,7 +29,7 @@ def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def images_per_second(fn, x: torch.Tensor, repeats: int = 3) -> float:
+def images_per_second(fn, x: torch.Tensor, repeats: int = 2) -> float:
     fn(x)
     best = float("inf")
     for _ in range(repeats):
@@ -109,3 +109,16 @@ def _val_indices(student_ckpt: dict, n: int) -> list[int]:
 def evaluation_source(teacher_source: str | None) -> str:
     """Real images to compare against: the teacher's own data where it is offline, else the bundled digits."""
     return "fashion-mnist" if teacher_source == "fashion-mnist" else "mnist5k"
+
+
+def sample_teacher_images(diffusion, n: int, sampler: str = "ddim", steps: int = DEFAULT_DDIM_STEPS,
+                          spacing: str = DEFAULT_SPACING, seed: int = 0, batch_size: int = 250,
+                          device="cpu", desc: str = "teacher samples") -> torch.Tensor:
+    """n teacher images with per-sample noise (seed, i), with a progress bar."""
+    from tqdm import tqdm
+    parts = []
+    for b in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+        idx = list(range(b, min(b + batch_size, n)))
+        z = per_sample_noise(seed, idx, device=device)
+        parts.append(teacher_sample(diffusion, z, sampler, steps, seed=seed, indices=idx, spacing=spacing).cpu())
+    return torch.cat(parts)

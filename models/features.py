@@ -57,7 +57,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)
+    # clamped: rounding can put the cosine of (nearly) parallel vectors a hair above 1
+    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1).clamp(-1.0, 1.0)
 
 
 def _validate(opts: FeatureOptions) -> None:
@@ -69,6 +70,12 @@ def _validate(opts: FeatureOptions) -> None:
         raise PipelineError("--limit and --consistency_samples must be >= 0")
     if opts.dataset is not None and opts.dataset not in SOURCES:
         raise PipelineError(f"--dataset must be one of {SOURCES}, got {opts.dataset!r}")
+    out_path = Path(opts.output_path)
+    if out_path.is_dir():
+        raise PipelineError(f"--output_path {out_path} is a directory; give a file name such as reference_features.pt")
+    blocking = next((p for p in out_path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise PipelineError(f"cannot write --output_path {out_path}: {blocking} is a file, not a directory")
 
 
 def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> dict:
@@ -81,8 +88,6 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     load_s = time.perf_counter() - start
     source = opts.dataset or teacher.checkpoint.get("data_source") or "mnist"
     out_path = Path(opts.output_path)
-    if out_path.is_dir():
-        raise PipelineError(f"--output_path {out_path} is a directory; give a file name such as reference_features.pt")
     data = load_dataset(source, opts.split, download=opts.download)
     n = min(len(data), opts.limit) if opts.limit else len(data)
     identity = {"teacher_sha256": teacher.sha256, "student_sha256": student.sha256, "dataset": source,

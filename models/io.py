@@ -157,6 +157,21 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     return obj
 
 
+def machine_description() -> str:
+    """For benchmark records: CPU model and cores, or the GPU."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({model}), torch threads {torch.get_num_threads()}"
+
+
 def software_versions() -> dict:
     import numpy
     return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(numpy.__version__),

@@ -19,7 +19,7 @@ from .train_student import StudentTrainOptions, train_student
 
 PRESETS = {
     # Sized for a 2-core CPU in under 10 minutes with the shipped teacher (measured in README).
-    "demo": {"n_pairs": 2000, "ddim_steps": 25, "gen_batch": 250, "epochs": 12, "train_batch": 64, "lr": 1e-3,
+    "demo": {"n_pairs": 1000, "ddim_steps": 25, "gen_batch": 250, "epochs": 10, "train_batch": 64, "lr": 1e-3,
              "inversion_steps": 10, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # The 60k-scale run for a GPU.
     "full": {"n_pairs": 60000, "ddim_steps": 50, "gen_batch": 1000, "epochs": 50, "train_batch": 128, "lr": 1e-4,

@@ -12,6 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from .checkpoint import load_teacher
 from .data import load_dataset
 from .diffusion import MNISTDiffusion, TeacherConfig
 from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, load_checkpoint, pick_device,
@@ -45,6 +46,7 @@ class TeacherTrainOptions:
     log_every: int = 10
     cpu: bool = False
     threads: int = 0
+    init_from: str = ""           # continue training a finished checkpoint under a new schedule
 
 
 def upstream_ema_decay(decay: float, batch_size: int, ema_every: int, epochs: float) -> float:
@@ -92,10 +94,20 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     device = pick_device(opts.cpu)
     data = load_dataset(opts.dataset, "train", download=opts.download)
     total, per_epoch = _total_steps(opts, len(data))
+    if total < 8:
+        raise PipelineError(f"{total} steps is too short for upstream's OneCycle schedule; use --steps 8 or more")
     epochs = total / per_epoch
     decay = upstream_ema_decay(opts.ema_decay, opts.batch_size, opts.ema_every, epochs)
     model_args = TeacherConfig(base_dim=opts.base_dim, dim_mults=list(opts.dim_mults), timesteps=opts.timesteps)
+    init, steps_before = None, 0
+    if opts.init_from:
+        init = load_teacher(opts.init_from, device)  # validates the file; its architecture wins over the flags
+        model_args = init.config
+        steps_before = int(init.checkpoint.get("step") or 0) + int(
+            init.checkpoint.get("config", {}).get("steps_before", 0))
     resolved = {"options": asdict(opts), "model_args": model_args.to_dict(), "total_steps": total,
+                "steps_before": steps_before,
+                "init_from": {"path": init.path, "sha256": init.sha256} if init else None,
                 "steps_per_epoch": per_epoch, "effective_ema_decay": decay, "device": str(device),
                 "n_images": len(data)}
     if dry_run:
@@ -106,6 +118,12 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     torch.manual_seed(opts.seed)
     diffusion = MNISTDiffusion(model_args).to(device)
     ema = make_ema(diffusion, decay)
+    if init is not None:
+        diffusion.load_state_dict(init.checkpoint["model"])
+        if isinstance(init.checkpoint.get("model_ema"), dict):
+            ema.load_state_dict(init.checkpoint["model_ema"])
+        else:
+            ema.update_parameters(diffusion)
     optimizer = torch.optim.AdamW(diffusion.parameters(), lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, opts.lr, total_steps=total, pct_start=0.25,
                                                     anneal_strategy="cos")
@@ -143,7 +161,7 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
         gen = step_generator(opts.seed, step)
         idx = _batch_indices(opts.seed, step, per_epoch, opts.batch_size, len(data))
         x0 = images[idx]
-        t = torch.randint(0, opts.timesteps, (len(idx),), generator=gen).to(device)
+        t = torch.randint(0, model_args.timesteps, (len(idx),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         loss = torch.nn.functional.mse_loss(diffusion(x0, noise, t), noise)
         if not torch.isfinite(loss):
@@ -170,7 +188,8 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
             _save(out, step, diffusion, ema, optimizer, scheduler, resolved, data.source)
             for old in list_checkpoints(out)[:-opts.keep_last]:
                 old.unlink(missing_ok=True)
-            plot_metric_curves(stats_path, out / "loss.png", keys=("loss",), x="step", log_y=True)
+            if stats_path.exists():
+                plot_metric_curves(stats_path, out / "loss.png", keys=("loss",), x="step", log_y=True)
     bar.close()
     final = list_checkpoints(out)[-1]
     summary = {"checkpoint": str(final), "steps": step, "wall_s": time.perf_counter() - start_time}

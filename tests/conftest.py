@@ -4,7 +4,6 @@ Everything is sized for a CPU shared with other work: one torch thread, base_dim
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+pytest.register_assert_rewrite("helpers")  # before the import: failures inside the helpers show their values
+from helpers import load_pt, subprocess_env  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repository with shared/ beside it; the fixture is required (a missing fixture fails, never skips).
@@ -31,20 +33,16 @@ TEACHER_RUN_ARGS = TINY_TRAIN_ARGS + ["--steps", "8", "--save_every", "4", "--lo
                                       "--model_ema_steps", "2", "--model_ema_decay", "0.99999", "--seed", "0"]
 
 
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("FASHION_MNIST_DIR", None)
-    return env
+def script_command(script: str, *args) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / script), *map(str, args)]
 
 
 def train_ddpm_command(*args) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "train_ddpm.py"), *map(str, args)]
+    return script_command("train_ddpm.py", *args)
 
 
 def run_train_ddpm(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(train_ddpm_command(*args), cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_script("train_ddpm.py", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +65,13 @@ def upstream_ckpt_path(fixture_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def golden(fixture_dir) -> dict:
-    return torch.load(fixture_dir / "golden.pt", map_location="cpu", weights_only=True)
+    return load_pt(fixture_dir / "golden.pt")
 
 
 @pytest.fixture(scope="session")
 def upstream_raw(upstream_ckpt_path) -> dict:
     """The fixture checkpoint as plain dicts (callers copy before editing)."""
-    return torch.load(upstream_ckpt_path, map_location="cpu", weights_only=True)
+    return load_pt(upstream_ckpt_path)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +90,7 @@ def upstream_teacher_model_weights(upstream_ckpt_path):
 @pytest.fixture(scope="session")
 def train_cli():
     """What the train_ddpm tests need to drive the script (tests never import conftest directly)."""
-    return SimpleNamespace(repo=REPO_ROOT, run=run_train_ddpm, command=train_ddpm_command, env=subprocess_env,
+    return SimpleNamespace(repo=REPO_ROOT, run=run_train_ddpm, command=train_ddpm_command,
                            tiny_args=list(TINY_TRAIN_ARGS), teacher_args=list(TEACHER_RUN_ARGS))
 
 
@@ -121,8 +119,8 @@ def tiny_teacher_ckpt(tiny_teacher_run) -> Path:
 
 def run_script(script: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs a top-level stage script as a user would (fresh interpreter, exit code, stderr)."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=REPO_ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(script_command(script, *args), cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

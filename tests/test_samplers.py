@@ -218,7 +218,7 @@ def test_ddim_round_trip_on_fixture_teacher(upstream_teacher, mnist5k):
 
 def test_ddim_k1000_bitwise_reproducible_on_fixture_teacher(upstream_teacher):
     d = upstream_teacher.diffusion
-    noise = per_sample_noise(seed=0, indices=[0, 1])
+    noise = per_sample_noise(seed=0, indices=[0])  # one image: two K=1000 runs of the base_dim 64 UNet on the CPU
     start = time.perf_counter()
     with torch.inference_mode():
         a = ddim_sample(d.predict_noise, noise, d.alphas_cumprod, 1000)

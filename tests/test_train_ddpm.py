@@ -4,20 +4,17 @@ from __future__ import annotations
 import json
 import math
 import re
-import runpy
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
 import models.train_teacher
+from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, start_logged,
+                     use_cached_mnist5k)
 from models.checkpoint import infer_teacher_config, load_teacher, strip_ema
 from models.diffusion import MNISTDiffusion, TeacherConfig
 from models.train_teacher import list_checkpoints
@@ -30,49 +27,13 @@ ALL_OPTIONS = ("--dataset", "--download", "--output_dir", "--epochs", "--steps",
                "--dry-run", "--resume")
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _assert_identical(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max().item()}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
-        for key in a:
-            _assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 @pytest.fixture
 def in_process(train_cli, mnist5k, monkeypatch, capsys):
     """Runs train_ddpm.py's __main__ (argparse + run_cli) in this interpreter: (exit code, stdout, stderr).
 
     Cheaper than a subprocess (no torch import, and mnist5k comes from the session cache)."""
-    real = models.train_teacher.load_dataset
-
-    def cached(source, split="train", download=False):
-        return mnist5k if (source, split) == ("mnist5k", "train") else real(source, split, download)
-    monkeypatch.setattr(models.train_teacher, "load_dataset", cached)
-    return lambda args: _run_in_process(train_cli.repo, args, monkeypatch, capsys)
-
-
-def _run_in_process(repo, args, monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["train_ddpm.py", *map(str, args)])
-    capsys.readouterr()
-    try:
-        runpy.run_path(str(repo / "train_ddpm.py"), run_name="__main__")
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+    use_cached_mnist5k(monkeypatch, models.train_teacher, mnist5k)
+    return lambda args: run_main_in_process(train_cli.repo / "train_ddpm.py", args, monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------- SIGKILL and resume
@@ -83,20 +44,8 @@ def killed_run(tmp_path_factory, train_cli) -> dict:
     out = tmp_path_factory.mktemp("killed") / "run"
     args = train_cli.teacher_args + ["--output_dir", str(out)]
     log = out.parent / "killed.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(train_cli.command(*args), cwd=train_cli.repo, env=train_cli.env(), stdout=sink,
-                                stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        try:
-            while not (out / "steps_00000004.pt").exists():
-                assert proc.poll() is None, f"run exited ({proc.returncode}) before step 4:\n{log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, "no checkpoint at step 4 within 300 s"
-                time.sleep(0.005)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            if proc.poll() is None:  # a failed assertion above: do not leave our child running
-                proc.kill()
-            returncode = proc.wait(timeout=60)
+    proc = start_logged(train_cli.command(*args), log, cwd=train_cli.repo)
+    returncode = kill_when(proc, out / "steps_00000004.pt", 300, what="steps_00000004.pt", log=log)
     return {"dir": out, "args": args, "returncode": returncode, "files": sorted(p.name for p in out.iterdir())}
 
 
@@ -110,7 +59,7 @@ def test_killed_run_leaves_loadable_checkpoints(killed_run):
     assert "steps_00000004.pt" in finals
     for name in finals:
         assert CKPT_NAME.match(name), f"stray file under a checkpoint name: {name}"
-        ckpt = _load(out / name)
+        ckpt = load_pt(out / name)
         assert ckpt["step"] == int(name[6:14])
         assert ckpt["kind"] == "teacher" and {"model", "model_ema", "optimizer", "scheduler"} <= set(ckpt)
     # Half-written files only ever live under hidden *.tmp names, which are never taken for checkpoints.
@@ -128,20 +77,20 @@ def test_resume_after_kill_is_bitwise_identical(killed_run, tiny_teacher_run, tm
     proc = train_cli.run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "at step 4/8" in proc.stdout
-    resumed = _load(work / "steps_00000008.pt")
-    straight = _load(tiny_teacher_run["final"])
+    resumed = load_pt(work / "steps_00000008.pt")
+    straight = load_pt(tiny_teacher_run["final"])
     assert resumed["step"] == straight["step"] == 8
     for key in ("model", "model_ema", "optimizer", "scheduler"):
-        _assert_identical(resumed[key], straight[key], key)
+        assert_identical(resumed[key], straight[key], key)
     # Not vacuous: the weights moved between step 4 and step 8.
-    four = _load(work / "steps_00000004.pt")
+    four = load_pt(work / "steps_00000004.pt")
     assert not torch.equal(four["model"]["model.final_conv.weight"], resumed["model"]["model.final_conv.weight"])
 
 
 # ---------------------------------------------------------------- checkpoint format
 
 def test_checkpoint_is_upstream_format(tiny_teacher_ckpt, tmp_path):
-    ckpt = _load(tiny_teacher_ckpt)
+    ckpt = load_pt(tiny_teacher_ckpt)
     assert {"model", "model_ema", "kind", "model_args", "config", "step", "optimizer", "scheduler"} <= set(ckpt)
     model, ema = ckpt["model"], ckpt["model_ema"]
     assert "n_averaged" in ema and int(ema["n_averaged"]) == 4  # EMA updates at steps 0, 2, 4, 6
@@ -211,8 +160,7 @@ def test_rerun_without_resume_refuses(tiny_teacher_run, train_cli):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     proc = train_cli.run(*tiny_teacher_run["args"])
     assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "--resume" in lines[0], proc.stderr
+    assert "--resume" in one_error_line(proc.stderr), proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
@@ -229,8 +177,7 @@ def test_bad_options_exit_1(extra, needle, tmp_path, train_cli, in_process):
     out = tmp_path / "o"
     code, _, err = in_process(train_cli.tiny_args + ["--output_dir", out] + extra)
     assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert needle in one_error_line(err), err
     assert not out.exists()
 
 

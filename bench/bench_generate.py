@@ -1,0 +1,114 @@
+"""Pair-generation speed and memory: this project's generate_training_data versus a faithful re-implementation of
+the original loop (1000-step ancestral sampling, torch.cat of the whole trajectory every step, the growing file
+re-saved every 10 batches), on the same machine, teacher and batch size; plus the UNet-evaluation ceiling and
+the peak memory of 200 versus 2,000 pairs.
+
+    python bench/bench_generate.py --ckpt checkpoints/teacher_mnist5k.pt --n 200 --batch_size 100
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from models.checkpoint import load_teacher  # noqa: E402
+from models.generate import GenerateOptions, generate_training_data  # noqa: E402
+from models.io import append_jsonl, machine_description, pick_device  # noqa: E402
+from models.samplers import ddpm_reverse_step  # noqa: E402
+from models.sampling import DEFAULT_DDIM_STEPS  # noqa: E402
+
+
+@torch.inference_mode()
+def original_loop(diffusion, n: int, batch_size: int, device, save_path: Path) -> float:
+    """What the original script did: every step appended to the trajectory with torch.cat, all kept."""
+    start = time.perf_counter()
+    all_noise, all_traj = [], []
+    for b in range(0, n, batch_size):
+        x = torch.randn(min(batch_size, n - b), 1, 28, 28, device=device)
+        all_noise.append(x.cpu())
+        trajectory = x.unsqueeze(1)
+        for i in range(diffusion.timesteps - 1, -1, -1):
+            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            x = ddpm_reverse_step(diffusion.predict_noise, x, t, torch.randn_like(x), diffusion.betas,
+                                  diffusion.alphas, diffusion.alphas_cumprod, clip_x0=True)
+            trajectory = torch.cat([trajectory, x.unsqueeze(1)], dim=1)
+        all_traj.append(trajectory.cpu())
+        if (b // batch_size + 1) % 10 == 0 or b + batch_size >= n:
+            torch.save({"noise": torch.cat(all_noise), "images": torch.cat([t[:, -1] for t in all_traj])}, save_path)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def unet_ceiling(diffusion, batch_size: int, device, repeats: int = 5) -> float:
+    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    t = torch.full((batch_size,), 500, device=device, dtype=torch.long)
+    diffusion.predict_noise(x, t)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        s = time.perf_counter()
+        diffusion.predict_noise(x, t)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - s)
+    return batch_size / best
+
+
+def peak_rss_mib(args: list[str]) -> float:
+    """Peak resident memory of one generate_training_data.py run, in a fresh process."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
+             "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, sys.executable, str(REPO / "generate_training_data.py"), *args],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout.strip()) / 1024
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="teacher checkpoint")
+    p.add_argument("--n", type=int, default=200, help="pairs for the speed comparison")
+    p.add_argument("--n_original", type=int, default=0, help="pairs for the original loop (0: same as --n)")
+    p.add_argument("--batch_size", type=int, default=100, help="same batch size for both")
+    p.add_argument("--steps", type=int, default=DEFAULT_DDIM_STEPS, help="DDIM steps for this project's run")
+    p.add_argument("--memory_sizes", type=int, nargs="*", default=[200, 2000], help="pair counts for peak memory")
+    p.add_argument("--out", default="bench/results/generate.jsonl", help="appends one JSON line")
+    p.add_argument("--cpu", action="store_true", help="force CPU")
+    a = p.parse_args()
+    device = pick_device(a.cpu)
+    teacher = load_teacher(a.ckpt, device)
+    ceiling = unet_ceiling(teacher.diffusion, a.batch_size, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = generate_training_data(GenerateOptions(ckpt=a.ckpt, n_samples=a.n, batch_size=a.batch_size,
+                                                      output_dir=f"{tmp}/ours", steps=a.steps, cpu=a.cpu))
+        original = original_loop(teacher.diffusion, a.n_original or a.n, a.batch_size, device, Path(tmp) / "orig.pt")
+        memory = {}
+        for n in a.memory_sizes:
+            args = ["--ckpt", a.ckpt, "--n_samples", str(n), "--batch_size", str(a.batch_size), "--steps", "1",
+                    "--output_dir", f"{tmp}/mem{n}"] + (["--cpu"] if a.cpu else [])
+            memory[n] = peak_rss_mib(args)
+    record = {"machine": machine_description(), "teacher": a.ckpt, "teacher_sha256": teacher.sha256,
+              "batch_size": a.batch_size, "ddim_steps": a.steps, "n": a.n, "n_original": a.n_original or a.n,
+              "pairs_per_s": ours["pairs_per_s"], "original_pairs_per_s": original,
+              "speedup_vs_original": ours["pairs_per_s"] / original, "unet_evals_per_s": ceiling,
+              "ceiling_pairs_per_s": ceiling / a.steps, "fraction_of_ceiling": ours["pairs_per_s"] * a.steps / ceiling,
+              "peak_rss_mib": memory, "command": "python " + " ".join(sys.argv)}
+    if len(memory) == 2:
+        small, large = sorted(memory)
+        record["peak_rss_ratio_large_over_small"] = memory[large] / memory[small]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(record, a.out)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

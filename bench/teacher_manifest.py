@@ -1,0 +1,46 @@
+"""Writes the shipped teacher's manifest (sha256, size, config, exact command, steps, wall time, machine, quality)
+from its checkpoint, the run's training_options.json / stats.jsonl, and bench/eval_teacher.py's report.
+
+    python bench/teacher_manifest.py --ckpt checkpoints/teacher_mnist5k.pt --run_dir runs/teacher_mnist5k \
+        --command "$(cat runs/teacher_cmd.sh)" --wall_s 4700 --eval checkpoints/teacher_mnist5k_eval.json
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.io import atomic_write_json, load_checkpoint, machine_description, sha256_file  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="shipped teacher checkpoint")
+    p.add_argument("--run_dir", required=True, help="the train_ddpm.py output directory it came from")
+    p.add_argument("--command", required=True, help="the exact training command")
+    p.add_argument("--wall_s", type=float, required=True, help="training wall time in seconds")
+    p.add_argument("--eval", required=True, help="bench/eval_teacher.py JSON report")
+    p.add_argument("--status", default="", help="how far training got and what is next")
+    p.add_argument("--out", default=None, help="manifest path (default: CKPT with .json)")
+    a = p.parse_args()
+    ckpt = load_checkpoint(a.ckpt, "cpu")
+    run = Path(a.run_dir)
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
+    evaluation = json.loads(Path(a.eval).read_text())
+    manifest = {"path": a.ckpt, "sha256": sha256_file(a.ckpt), "size_bytes": Path(a.ckpt).stat().st_size,
+                "kind": ckpt.get("kind"), "model_args": ckpt.get("model_args"),
+                "steps": int(ckpt["step"]) + int(ckpt["config"].get("steps_before", 0)),
+                "steps_this_schedule": int(ckpt["step"]), "total_steps_planned": ckpt["config"]["total_steps"],
+                "final_loss": stats[-1]["loss"], "data_source": ckpt.get("data_source"),
+                "config": ckpt["config"], "command": a.command, "wall_s": a.wall_s,
+                "machine": machine_description() + " (training pinned to one core, 1 torch thread)",
+                "versions": ckpt.get("versions"), "status": a.status,
+                "evaluation": {k: evaluation[k] for k in ("sampler", "n", "teacher", "real_vs_real_same_n", "command")},
+                "sample_grid": str(Path(a.eval).with_suffix(".png"))}
+    atomic_write_json(manifest, a.out or Path(a.ckpt).with_suffix(".json"))
+    print(f"teacher_manifest: {a.out or Path(a.ckpt).with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Plain helpers shared by the test modules (fixtures live in conftest.py).
+
+pytest's default ("prepend") import mode puts tests/ on sys.path, so test modules and conftest.py import these with
+``from helpers import ...``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+
+
+def subprocess_env() -> dict:
+    """The environment of every script the tests run in a fresh interpreter: one thread, unbuffered output, and
+    no FASHION_MNIST_DIR from the caller's shell."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("FASHION_MNIST_DIR", None)
+    return env
+
+
+def load_pt(path) -> dict:
+    """A .pt file as the pipeline reads it: weights_only, onto the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def sha256(path) -> str:
+    """The file's sha256, computed here (not with the code under test)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def assert_identical(a, b, where: str) -> None:
+    """Bitwise equality of two nested structures of tensors, dicts, lists/tuples and plain values (dtype and shape
+    included); ``where`` names the position in the failure message."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max().item()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def run_main_in_process(script_path, args, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Runs a top-level script's ``__main__`` in this interpreter, as the command line would (sys.argv, argparse,
+    run_cli): returns (exit code, stdout, stderr). SystemExit maps to its code: None -> 0, an int as is, anything
+    else (a message) -> 1."""
+    script_path = Path(script_path)
+    monkeypatch.setattr(sys, "argv", [script_path.name, *map(str, args)])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(script_path), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def use_cached_mnist5k(monkeypatch, module, mnist5k) -> list:
+    """Makes ``module.load_dataset`` return the session's cached mnist5k for ("mnist5k", "train") (parsing the CSV
+    costs seconds of CPU); any other source goes to the real loader. Returns the list of sources asked for."""
+    calls = []
+    real = module.load_dataset
+
+    def cached(source, split="train", download=False):
+        calls.append(source)
+        return mnist5k if (source, split) == ("mnist5k", "train") else real(source, split, download)
+    monkeypatch.setattr(module, "load_dataset", cached)
+    return calls
+
+
+def one_error_line(err: str, *, allow_progress: bool = False) -> str:
+    """The one "error: " line of a refused run's stderr (blank lines aside), asserting there is exactly one.
+
+    Strict (default): that line is all of stderr. ``allow_progress=True``: earlier lines are tolerated (a progress
+    bar drawn before the failure), but the error must be the last line and the only one containing "error: "."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    if allow_progress:
+        assert lines and lines[-1].startswith("error: "), f"expected an 'error: ' line last, got:\n{err[-2000:]}"
+        assert sum("error: " in line for line in lines) == 1, f"expected one 'error: ' line, got:\n{err[-2000:]}"
+    else:
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one 'error: ' line, got:\n{err[-2000:]}"
+    return lines[-1]
+
+
+def start_logged(cmd, log: Path, cwd) -> subprocess.Popen:
+    """Starts ``cmd`` in the tests' subprocess environment, its stdout and stderr going to the file ``log``."""
+    with open(log, "w") as sink:
+        return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=subprocess_env(), stdout=sink,
+                                stderr=subprocess.STDOUT)
+
+
+def kill_when(proc: subprocess.Popen, until: Union[Path, Callable[[], bool]], timeout: float, *, what: str,
+              log: Path | None = None, allow_exit: bool = False, interval: float = 0.005) -> int:
+    """Polls until ``until`` holds (a Path: it exists; otherwise a callable returning a bool), SIGKILLs ``proc``
+    and returns its exit status (-SIGKILL when the kill landed).
+
+    Fails the test when ``timeout`` seconds pass first, and when the run exits on its own first unless
+    ``allow_exit`` (then its exit status is returned). ``proc`` is never left running."""
+    ready = until.exists if isinstance(until, Path) else until
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                if allow_exit:
+                    break
+                tail = log.read_text()[-2000:] if log is not None else ""
+                raise AssertionError(f"run exited ({proc.returncode}) before {what}:\n{tail}")
+            assert time.monotonic() < deadline, f"{what} did not appear within {timeout:g} s"
+            time.sleep(interval)
+        else:
+            proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:  # a failure above: do not leave our child running
+            proc.kill()
+        returncode = proc.wait(timeout=60)
+    return returncode

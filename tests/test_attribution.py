@@ -1,0 +1,218 @@
+"""attribution_generation.py and the Python API: hook-steered generations, their top-k attribution to reference
+images, the evaluation report, and the PNGs of the quickstart.
+
+The tiny student's bottleneck is almost constant across inputs (base_dim 4, a few training steps), so cosine
+similarities to the real tiny reference features all round to 1 and their ranking is decided by rounding noise.
+The CLI run therefore uses a copy of the tiny reference_features.pt whose feature rows are replaced by seeded
+random tensors: same teacher/student pairing, labels and indices, but neighbours that are unambiguous, so the
+top-k and the hooks' effects can be checked exactly. The API test uses the real tiny features.
+
+The first 120 mnist5k images are all zeros (the set is sorted by label), so the class hook targets class 0:
+class 3 is absent from the tiny reference set and is refused (checked below).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import load_pt
+from models.api import DirectDecoderPipeline
+from models.attribution import SWEEP, top_k_similar
+from models.hooks import class_hook, exclude_hook, include_hook
+from models.io import PipelineError
+from models.noise import per_sample_noise
+from models.student import load_student
+
+N_SAMPLES, TOP_K, N_EVAL = 6, 3, 16
+INCLUDE, EXCLUDE, TARGET = [0, 1, 2], [100, 101], 0
+STRENGTHS = [0.3, 0.6]
+HOOKED = ["include", "exclude", f"class_{TARGET}"]
+
+
+@pytest.fixture(scope="module")
+def random_ref(tiny_features, tmp_path_factory):
+    ref = load_pt(tiny_features)
+    g = torch.Generator().manual_seed(123)
+    ref["features"] = torch.randn(ref["features"].shape, generator=g)
+    path = tmp_path_factory.mktemp("random_ref") / "reference_features.pt"
+    torch.save(ref, path)
+    return path, ref
+
+
+@pytest.fixture(scope="module")
+def attr_run(tiny_pipeline, random_ref, tmp_path_factory, script) -> dict:
+    out = tmp_path_factory.mktemp("attribution") / "out"
+    proc = script("attribution_generation.py", "--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt",
+                  tiny_pipeline.student, "--ref_features_path", random_ref[0], "--output_dir", out,
+                  "--n_samples", N_SAMPLES, "--top_k", TOP_K, "--include", *INCLUDE, "--exclude", *EXCLUDE,
+                  "--target_class", TARGET, "--strength", *STRENGTHS, "--n_eval", N_EVAL, "--cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "proc": proc, "results": load_pt(out / "attribution_results.pt"),
+            "report": json.loads((out / "attribution_report.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_student):
+    return load_student(tiny_student).decoder
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+# ---------------------------------------------------------------- the CLI run
+
+def test_quickstart_outputs_exist(attr_run):
+    out = attr_run["out"]
+    names = {p.name for p in out.iterdir()}
+    main = {"samples_baseline.png", "samples_include.png", "samples_exclude.png", f"samples_class_{TARGET}.png",
+            "attribution_results.pt", "attribution_grid.png", "attribution_report.json"}
+    sweep = {f"samples_{h}_s{STRENGTHS[1]}.png" for h in HOOKED}
+    assert main | sweep == names, f"missing {sorted(main | sweep - names)}, unexpected {sorted(names - main - sweep)}"
+    # 6 samples -> a 3x2 grid of 28px images with 2px padding
+    for name in ["samples_baseline.png", *sorted(sweep)]:
+        assert _png_size(out / name) == (3 * 30 + 2, 2 * 30 + 2), name
+    w, h = _png_size(out / "attribution_grid.png")
+    assert w > 100 and h > 100
+    assert "have labels [0, 0, 0]" in attr_run["proc"].stdout
+
+
+def test_results_noise_and_chosen_samples(attr_run, mnist5k):
+    res = attr_run["results"]
+    assert torch.equal(res["noise"], per_sample_noise(0, range(N_SAMPLES)))
+    assert res["chosen"]["include"] == {"indices": INCLUDE, "labels": mnist5k.labels[INCLUDE].tolist()}
+    assert res["chosen"]["exclude"] == {"indices": EXCLUDE, "labels": mnist5k.labels[EXCLUDE].tolist()}
+    assert res["chosen"]["include"]["labels"] == [0, 0, 0] and res["chosen"]["exclude"]["labels"] == [0, 0]
+    assert res["reference"]["dataset"] == "mnist5k"
+
+
+def test_results_runs_shapes(attr_run, random_ref):
+    runs = attr_run["results"]["runs"]
+    assert set(runs) == {"baseline"} | {f"{h}@{s}" for h in HOOKED for s in STRENGTHS}
+    c_h_w = tuple(random_ref[1]["features"].shape[1:])
+    for key, run in runs.items():
+        assert tuple(run["images"].shape) == (N_SAMPLES, 1, 28, 28), key
+        assert run["images"].min() >= -1 and run["images"].max() <= 1, key
+        assert tuple(run["features"].shape) == (N_SAMPLES, *c_h_w), key
+        for field in ("top_k_scores", "top_k_indices", "top_k_labels"):
+            assert tuple(run[field].shape) == (N_SAMPLES, TOP_K), (key, field)
+
+
+def test_top_k_is_the_exact_cosine_ranking(attr_run, random_ref):
+    ref = random_ref[1]
+    flat_ref = ref["features"].flatten(1)
+    for key, run in attr_run["results"]["runs"].items():
+        scores, idx = run["top_k_scores"], run["top_k_indices"]
+        assert (scores[:, :-1] >= scores[:, 1:]).all(), f"{key}: top-k scores not sorted descending"
+        assert all(len(set(row.tolist())) == TOP_K for row in idx), f"{key}: repeated indices"
+        assert torch.equal(run["top_k_labels"], ref["labels"][idx])
+        feats = run["features"].flatten(1)
+        recomputed = F.cosine_similarity(feats[:, None, :], flat_ref[idx], dim=2)
+        torch.testing.assert_close(scores, recomputed, rtol=1e-5, atol=1e-5)
+        # brute force over every reference row, in float64
+        all_cos = F.normalize(feats.double(), dim=1) @ F.normalize(flat_ref.double(), dim=1).T
+        best, order = all_cos.sort(dim=1, descending=True)
+        assert torch.equal(idx[:, 0], all_cos.argmax(1)), key
+        assert torch.equal(idx, order[:, :TOP_K]), key
+        torch.testing.assert_close(scores.double(), best[:, :TOP_K], rtol=1e-5, atol=1e-5)
+
+
+def test_runs_apply_the_hooks(attr_run, random_ref, decoder):
+    runs = attr_run["results"]["runs"]
+    ref = random_ref[1]["features"]
+    labels = random_ref[1]["labels"]
+    z = attr_run["results"]["noise"]
+    with torch.inference_mode():
+        h = decoder.bottleneck(z)
+        torch.testing.assert_close(runs["baseline"]["features"], h, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(runs["baseline"]["images"], decoder(z).clamp(-1, 1), rtol=1e-4, atol=1e-5)
+        for s in STRENGTHS:
+            hooks = {"include": include_hook(ref[INCLUDE], s), "exclude": exclude_hook(ref[EXCLUDE], s),
+                     f"class_{TARGET}": class_hook(ref[labels == TARGET], s)}
+            for name, hook in hooks.items():
+                run = runs[f"{name}@{s}"]
+                torch.testing.assert_close(run["features"], hook(h), rtol=1e-4, atol=1e-5)
+                images = decoder.generate(z, hook)[0].clamp(-1, 1)
+                torch.testing.assert_close(run["images"], images, rtol=1e-4, atol=1e-5)
+    # in the bottleneck, include pulls toward the chosen samples and exclude pushes away, more with strength
+    inc = [runs["baseline"]["similarity_to_include_set"]] + [runs[f"include@{s}"]["similarity_to_include_set"]
+                                                               for s in STRENGTHS]
+    exc = [runs["baseline"]["similarity_to_exclude_set"]] + [runs[f"exclude@{s}"]["similarity_to_exclude_set"]
+                                                               for s in STRENGTHS]
+    assert inc[0] < inc[1] < inc[2] and exc[0] > exc[1] > exc[2], (inc, exc)
+
+
+def test_report(attr_run):
+    r = attr_run["report"]
+    assert r["n_eval"] == N_EVAL and r["target_class"] == TARGET and r["strengths"] == SWEEP
+    assert len(r["class_hook_success"]) == 10 and all(0 <= v <= 1 for v in r["class_hook_success"])
+    for key in ("include_similarity", "exclude_similarity"):
+        assert len(r[key]) == 10 and all(math.isfinite(v) and -1 - 1e-6 <= v <= 1 + 1e-6 for v in r[key]), key
+    assert 0 <= r["baseline_share_target_class"] <= 1
+    for key in ("baseline_include_similarity", "baseline_exclude_similarity"):
+        assert math.isfinite(r[key]) and -1 - 1e-6 <= r[key] <= 1 + 1e-6
+    agreement = r["attribution_label_agreement"]
+    assert set(agreement) == {"bottleneck", "pixel_nn_baseline"}
+    for method in agreement.values():
+        assert set(method) == {"top1", "top5_majority"}
+        assert all(0 <= v <= 1 for v in method.values())
+    # every reference image is a 0, so the neighbours' labels agree exactly when the classifier says 0
+    assert agreement["bottleneck"]["top1"] == pytest.approx(r["baseline_share_target_class"])
+    assert agreement["pixel_nn_baseline"]["top5_majority"] == pytest.approx(r["baseline_share_target_class"])
+
+
+# ---------------------------------------------------------------- top_k_similar
+
+def test_top_k_similar_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(7)
+    query, reference = torch.randn(5, 8, 7, 7, generator=g), torch.randn(50, 8, 7, 7, generator=g)
+    full_s, full_i = top_k_similar(query, reference, 4)
+    for chunk in (1, 7, 16, 49):
+        s, i = top_k_similar(query, reference, 4, chunk=chunk)
+        assert torch.equal(i, full_i), chunk
+        torch.testing.assert_close(s, full_s)
+    brute = F.normalize(query.flatten(1), dim=1) @ F.normalize(reference.flatten(1), dim=1).T
+    best, order = brute.topk(4, dim=1)
+    assert torch.equal(full_i, order)
+    torch.testing.assert_close(full_s, best)
+    # k larger than the reference set: every row, ranked
+    s, i = top_k_similar(query, reference[:3], 10, chunk=2)
+    assert i.shape == (5, 3) and torch.equal(i.sort(1).values, torch.arange(3).expand(5, 3))
+
+
+# ---------------------------------------------------------------- Python API
+
+def test_api_generate_with_class_hook(tiny_pipeline):
+    pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student),
+                                      str(tiny_pipeline.features), device="cpu")
+    hook = pipe.toward_class(TARGET, 0.5)
+    out = pipe.generate(4, hook=hook)
+    assert tuple(out.images.shape) == (4, 1, 28, 28)
+    assert out.images.min() >= -1 and out.images.max() <= 1
+    assert torch.equal(out.noise, per_sample_noise(0, range(4)))
+    ref = load_pt(tiny_pipeline.features)
+    assert tuple(out.features.shape) == (4, *ref["features"].shape[1:])
+    with torch.inference_mode():
+        expected = class_hook(ref["features"][ref["labels"] == TARGET], 0.5)(pipe.student.decoder.bottleneck(out.noise))
+    torch.testing.assert_close(out.features, expected, rtol=1e-4, atol=1e-6)
+    assert tuple(out.top_k_indices.shape) == (4, 5) and tuple(out.top_k_scores.shape) == (4, 5)
+    assert ((out.top_k_indices >= 0) & (out.top_k_indices < len(ref["labels"]))).all()
+    assert torch.equal(out.top_k_labels, ref["labels"][out.top_k_indices])
+    with pytest.raises(PipelineError, match="not a label"):
+        pipe.toward_class(3, 0.5)  # no 3 among the first 120 mnist5k images
+
+
+def test_api_without_features(tiny_pipeline):
+    pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student), device="cpu")
+    for call in (lambda: pipe.include([0]), lambda: pipe.exclude([0]), lambda: pipe.toward_class(0)):
+        with pytest.raises(PipelineError, match="reference features"):
+            call()
+    out = pipe.generate(2, seed=5)
+    assert tuple(out.images.shape) == (2, 1, 28, 28) and out.top_k_indices is None
+    assert torch.equal(out.noise, per_sample_noise(5, range(2)))

@@ -1,0 +1,291 @@
+"""train_direct_decoder.py and the student: artefacts, self-describing checkpoints, warm start, hooks,
+bit-exact resume after SIGKILL, refusal of bad inputs, and the end-of-training evaluation."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models.evaluate
+from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, sha256,
+                     start_logged, use_cached_mnist5k)
+from models.checkpoint import load_teacher
+from models.noise import per_sample_noise
+from models.student import DirectDecoder, load_student
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_direct_decoder.py"
+EPOCH_CKPT = re.compile(r"^ckpt_epoch_(\d{3,})\.pt$")
+RESUME_ARGS = ["--epochs", "4", "--batch_size", "8", "--lr", "1e-3", "--cpu", "--no_evaluate"]
+
+
+@pytest.fixture
+def train(monkeypatch, capsys, mnist5k):
+    """Runs train_direct_decoder.py's __main__ in this interpreter: train(*args) -> (exit code, stdout, stderr).
+
+    The evaluation's real images come from the session's cached mnist5k (parsing the CSV costs seconds)."""
+    use_cached_mnist5k(monkeypatch, models.evaluate, mnist5k)
+    return lambda *args: run_main_in_process(SCRIPT, args, monkeypatch, capsys)
+
+
+# ---------------------------------------------------------------- artefacts and checkpoint format
+
+def test_training_writes_every_artefact(tiny_student):
+    out = tiny_student.parent
+    for name in ("ckpt_epoch_001.pt", "ckpt_epoch_002.pt", "best_model.pt", "samples_epoch_001.png",
+                 "samples_epoch_002.png", "stats.jsonl", "loss.png", "training_options.json"):
+        assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
+    for png in ("samples_epoch_001.png", "samples_epoch_002.png", "loss.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("train_loss", "val_loss", "lr", "seconds"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        assert row["train_loss"] > 0 and row["val_loss"] > 0
+    assert rows[0]["lr"] > 0  # the cosine schedule ends at 0 after the last step
+    options = json.loads((out / "training_options.json").read_text())
+    assert options["options"]["epochs"] == 2 and options["options"]["batch_size"] == 8
+    assert options["n_train"] + options["n_val"] == options["n_pairs"] == 40
+
+
+def test_checkpoint_is_self_describing(tiny_student, tiny_teacher_ckpt, tiny_pairs):
+    out = tiny_student.parent
+    teacher = load_teacher(tiny_teacher_ckpt)
+    epochs = {}
+    for name in ("ckpt_epoch_001.pt", "ckpt_epoch_002.pt"):
+        ckpt = load_pt(out / name)
+        epochs[name] = ckpt
+        assert ckpt["kind"] == "direct_decoder"
+        assert ckpt["model_args"]["teacher"] == teacher.config.to_dict()
+        assert ckpt["model_args"]["input_timestep"] == teacher.config.timesteps - 1 == 49
+        assert ckpt["teacher"]["sha256"] == sha256(tiny_teacher_ckpt)
+        assert ckpt["training_data"]["sha256"] == sha256(tiny_pairs)
+        assert ckpt["epoch"] == int(name[11:14])
+    # best_model.pt is the epoch checkpoint with the lowest validation loss.
+    best = load_pt(tiny_student)
+    lowest = min(epochs.values(), key=lambda c: c["val_loss"])
+    assert best["val_loss"] == lowest["val_loss"] == min(c["val_loss"] for c in epochs.values())
+    assert best["epoch"] == lowest["epoch"]
+    assert_identical(best["model_ema"], lowest["model_ema"], "best_model.model_ema")
+
+    loaded = load_student(tiny_student)  # no architecture flags
+    decoder = loaded.decoder
+    assert loaded.teacher_sha256 == sha256(tiny_teacher_ckpt)
+    z = per_sample_noise(5, range(3))
+    with torch.no_grad():
+        images = decoder(z)
+        h = decoder.bottleneck(z)
+    assert images.shape == (3, 1, 28, 28)
+    assert tuple(h.shape[1:]) == tuple(decoder.bottleneck_shape) and h.shape[0] == 3
+    # Loaded weights are the stored EMA weights, not a fresh network.
+    ema = {k[len("module."):]: v for k, v in best["model_ema"].items() if k.startswith("module.")}
+    state = decoder.state_dict()
+    assert set(ema) == set(state)
+    for key, value in ema.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_warm_start_copies_the_teachers_unet(tiny_teacher_ckpt):
+    teacher = load_teacher(tiny_teacher_ckpt)
+    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config)
+    mine, theirs = student.unet.state_dict(), teacher.diffusion.model.state_dict()
+    assert set(mine) == set(theirs)
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key]), key
+    # So at initialisation the student is the teacher's UNet evaluated at t = T-1.
+    student.eval()
+    z = per_sample_noise(0, range(2))
+    t = torch.full((2,), teacher.config.timesteps - 1, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(student(z), teacher.diffusion.model(z, t))
+
+
+# ---------------------------------------------------------------- hooks
+
+def test_hook_acts_on_the_trained_students_bottleneck(tiny_student):
+    decoder = load_student(tiny_student).decoder
+    z = per_sample_noise(1, range(4))
+    seen = []
+
+    def spy(h):
+        seen.append(h.clone())
+        return h
+
+    with torch.no_grad():
+        plain = decoder(z)
+        assert torch.equal(decoder(z, hook=spy), plain)
+        assert len(seen) == 1 and seen[0].shape == (4, *decoder.bottleneck_shape)
+        assert torch.equal(seen[0], decoder.bottleneck(z))
+        image, pre, post = decoder.generate(z)
+        assert torch.equal(pre, decoder.bottleneck(z)) and torch.equal(post, pre)
+        assert torch.equal(image, plain)
+
+
+def test_hooks_steer_a_teacher_initialised_decoder(upstream_teacher_model_weights):
+    """The tiny models' eval-mode outputs barely depend on their input (an 8-step teacher's BatchNorm statistics),
+    so steering is checked on the fixture teacher's trained (non-EMA) UNet, where the bottleneck matters."""
+    teacher = upstream_teacher_model_weights
+    decoder = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config).eval()
+    z = per_sample_noise(1, range(3))
+    doubled = lambda h: 2 * h  # noqa: E731
+    with torch.no_grad():
+        plain = decoder(z)
+        assert torch.equal(decoder(z, hook=lambda h: h), plain)
+        assert (decoder(z, hook=lambda h: h * 0) - plain).abs().max() > 1e-2, "hooks are not applied"
+        image, pre, post = decoder.generate(z, hook=doubled)
+        assert torch.equal(pre, decoder.bottleneck(z))  # the bottleneck before the hook
+        assert torch.equal(post, 2 * pre)
+        assert torch.allclose(image, decoder(z, hook=doubled), atol=1e-6)
+        assert (image - plain).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- SIGKILL and resume
+
+@pytest.fixture(scope="module")
+def student_straight(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory) -> Path:
+    """An uninterrupted 4-epoch run (in this interpreter, through the API the script calls)."""
+    from models.train_student import StudentTrainOptions, train_student
+    out = tmp_path_factory.mktemp("student_straight") / "run"
+    train_student(StudentTrainOptions(ddpm_ckpt=str(tiny_teacher_ckpt), data_path=str(tiny_pairs),
+                                      output_dir=str(out), epochs=4, batch_size=8, lr=1e-3, cpu=True,
+                                      evaluate=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_killed(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory) -> dict:
+    """The same 4-epoch command in a subprocess, SIGKILLed as soon as ckpt_epoch_002.pt appears."""
+    root = tmp_path_factory.mktemp("student_killed")
+    out = root / "run"
+    args = ["--ddpm_ckpt", str(tiny_teacher_ckpt), "--data_path", str(tiny_pairs), "--output_dir", str(out),
+            *RESUME_ARGS]
+    log = root / "killed.log"
+    proc = start_logged([sys.executable, SCRIPT, *args], log, cwd=REPO)
+    returncode = kill_when(proc, out / "ckpt_epoch_002.pt", 240, what="ckpt_epoch_002.pt", log=log)
+    assert returncode == -signal.SIGKILL, f"the run was not killed (rc {returncode})"
+    assert not (out / "ckpt_epoch_004.pt").exists(), \
+        "the run reached epoch 4 before SIGKILL landed: the resume would not be exercised"
+    return {"dir": out, "args": args}
+
+
+def test_killed_run_leaves_whole_checkpoints(student_killed):
+    out = student_killed["dir"]
+    names = sorted(p.name for p in out.iterdir())
+    epochs = sorted(int(m.group(1)) for m in map(EPOCH_CKPT.match, names) if m)
+    assert epochs[:2] == [1, 2] and epochs[-1] < 4
+    for name in names:
+        assert not name.endswith(".tmp") or name.startswith("."), f"non-hidden partial file {name}"
+    for epoch in epochs:
+        assert load_pt(out / f"ckpt_epoch_{epoch:03d}.pt")["epoch"] == epoch
+
+
+def test_resume_after_kill_is_bitwise_identical(student_killed, student_straight, tmp_path, train):
+    work = tmp_path / "run"
+    shutil.copytree(student_killed["dir"], work)
+    last = max(int(m.group(1)) for m in map(EPOCH_CKPT.match, (p.name for p in work.iterdir())) if m)
+    args = [a if a != str(student_killed["dir"]) else str(work) for a in student_killed["args"]]
+    code, out, err = train(*args, "--resume")
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out and f"epoch {last}/4" in out, out
+    resumed, straight = load_pt(work / "ckpt_epoch_004.pt"), load_pt(student_straight / "ckpt_epoch_004.pt")
+    assert resumed["epoch"] == straight["epoch"] == 4
+    for key in ("model", "model_ema", "optimizer", "scheduler"):
+        assert_identical(resumed[key], straight[key], key)
+    assert resumed["val_loss"] == straight["val_loss"]
+    # Not vacuous: the weights moved after epoch 2.
+    two = load_pt(work / "ckpt_epoch_002.pt")
+    assert not torch.equal(two["model"]["unet.final_conv.weight"], resumed["model"]["unet.final_conv.weight"])
+
+
+def test_rerun_without_resume_is_refused(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
+    work = tmp_path / "run"
+    shutil.copytree(tiny_student.parent, work)
+    before = {p.name: sha256(p) for p in work.iterdir()}
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir", work,
+                         "--epochs", 2, "--batch_size", 8, "--cpu", "--no_evaluate")
+    assert code == 1
+    assert "--resume" in one_error_line(err, allow_progress=True)
+    assert {p.name: sha256(p) for p in work.iterdir()} == before
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def _write_pairs(src: Path, dst: Path, edit) -> Path:
+    data = load_pt(src)
+    edit(data)
+    torch.save(data, dst)
+    return dst
+
+
+def test_data_from_another_teacher_is_refused(tiny_pairs, tiny_teacher_ckpt, tmp_path, train):
+    def other_teacher(data):
+        data["metadata"]["teacher_sha256"] = "0" * 64
+    pairs = _write_pairs(tiny_pairs, tmp_path / "training_data.pt", other_teacher)
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", pairs, "--output_dir", tmp_path / "out",
+                         "--epochs", 1, "--batch_size", 8, "--cpu", "--no_evaluate")
+    assert code == 1
+    assert "teacher" in one_error_line(err, allow_progress=True)
+    assert not list((tmp_path / "out").glob("ckpt_epoch_*.pt"))
+
+
+def test_missing_data_exits_2(tiny_teacher_ckpt, tmp_path, train):
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tmp_path / "none.pt", "--output_dir",
+                         tmp_path / "out", "--epochs", 1, "--cpu", "--no_evaluate")
+    assert code == 2
+    assert "none.pt" in one_error_line(err, allow_progress=True)
+
+
+def test_zero_epochs_exits_1(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir",
+                         tmp_path / "out", "--epochs", 0, "--cpu", "--no_evaluate")
+    assert code == 1
+    assert "epochs" in one_error_line(err, allow_progress=True)
+
+
+def test_student_checkpoint_as_teacher_is_refused(tiny_student, tiny_pairs, tmp_path, train):
+    code, _, err = train("--ddpm_ckpt", tiny_student, "--data_path", tiny_pairs, "--output_dir", tmp_path / "out",
+                         "--epochs", 1, "--cpu", "--no_evaluate")
+    assert code == 1
+    assert "direct-decoder" in one_error_line(err, allow_progress=True)
+
+
+def test_nan_loss_stops_without_a_checkpoint(tiny_pairs, tiny_teacher_ckpt, tmp_path, train):
+    def poison(data):
+        data["images"][:] = float("nan")
+    pairs = _write_pairs(tiny_pairs, tmp_path / "training_data.pt", poison)
+    out = tmp_path / "out"
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", pairs, "--output_dir", out,
+                         "--epochs", 1, "--batch_size", 8, "--cpu", "--no_evaluate")
+    assert code == 1
+    assert "loss" in one_error_line(err, allow_progress=True)
+    assert not (out / "ckpt_epoch_001.pt").exists() and not (out / "best_model.pt").exists()
+
+
+# ---------------------------------------------------------------- evaluation
+
+def test_evaluation_report(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
+    out = tmp_path / "out"
+    code, stdout, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir", out,
+                              "--epochs", 1, "--batch_size", 8, "--cpu")
+    assert code == 0, err[-3000:]
+    report = json.loads((out / "evaluation.json").read_text())
+    mse = report["val_mse_to_teacher"]
+    assert math.isfinite(mse) and mse >= 0
+    # Clamping to the teacher's [-1, 1] range can only lower the error of best_model's EMA weights on the same
+    # validation pairs, so the report cannot exceed the checkpoint's own validation loss.
+    assert mse <= load_pt(out / "best_model.pt")["val_loss"] + 1e-6
+    assert 0.0 <= report["class_agreement_student_teacher"] <= 1.0
+    fd = report["frechet_distance"]
+    for key in ("student_vs_real", "teacher_vs_real", "real_half_vs_real_half"):
+        assert math.isfinite(fd[key]) and fd[key] >= 0, (key, fd[key])
+    assert report["speed"]["student_images_per_s"] > 0
+    assert report["teacher"]["sha256"] == sha256(tiny_teacher_ckpt)
+    assert "evaluation" in stdout
