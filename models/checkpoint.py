@@ -18,6 +18,28 @@ def strip_ema(ema_state: dict) -> dict:
     return {k[len(EMA_PREFIX):]: v for k, v in ema_state.items() if k.startswith(EMA_PREFIX)}
 
 
+def inference_weights(ckpt: dict, prefer_ema: bool = True) -> tuple[dict, str]:
+    """The weights to run: the EMA average when there is one (and it is wanted), else the raw weights."""
+    if prefer_ema and isinstance(ckpt.get("model_ema"), dict):
+        return strip_ema(ckpt["model_ema"]), "ema"
+    return ckpt["model"], "model"
+
+
+def load_strict(module: torch.nn.Module, state: dict, path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise PipelineError(f"{path}: weights do not match {what} ({str(err).splitlines()[0][:200]})") from err
+
+
+def restore_training_state(ckpt: dict, model, ema, optimizer, scheduler) -> None:
+    """Everything --resume needs besides the step counter, which each trainer keeps in its own unit."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["model_ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+
+
 def infer_teacher_config(state: dict) -> TeacherConfig:
     """Recovers the architecture from tensor shapes, so upstream checkpoints need no architecture flags."""
     try:
@@ -53,17 +75,11 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu", prefer_em
     if ckpt.get("kind") not in (None, "teacher") or "model" not in ckpt:
         raise PipelineError(f"{path} is not a teacher checkpoint: expected keys 'model'/'model_ema', "
                             f"found {sorted(k for k in ckpt if not k.startswith('_'))[:6]}")
-    state, weights = ckpt["model"], "model"
-    if prefer_ema and isinstance(ckpt.get("model_ema"), dict):
-        state, weights = strip_ema(ckpt["model_ema"]), "ema"
+    state, weights = inference_weights(ckpt, prefer_ema)
     config = TeacherConfig(**ckpt["model_args"]) if "model_args" in ckpt else infer_teacher_config(state)
     if "model_args" in ckpt:
         config.dim_mults = list(config.dim_mults)
     diffusion = MNISTDiffusion(config)
-    try:
-        diffusion.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise PipelineError(f"{path}: weights do not match the MNISTDiffusion architecture "
-                            f"({str(err).splitlines()[0][:200]})") from err
+    load_strict(diffusion, state, path, "the MNISTDiffusion architecture")
     diffusion.to(device).eval().requires_grad_(False)
     return LoadedTeacher(diffusion, config, str(path), sha256_file(path), weights, ckpt)

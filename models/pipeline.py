@@ -15,14 +15,18 @@ from .attribution import AttributionOptions, attribution_generation
 from .features import FeatureOptions, extract_reference_features
 from .generate import GenerateOptions, generate_training_data
 from .io import DEFAULT_CLASSIFIER, atomic_write_json, atomic_write_text, prepare_output_dir, software_versions
+from .sampling import DEFAULT_DDIM_STEPS
 from .train_student import StudentTrainOptions, train_student
 
+STAGES = ("generate", "train", "extract", "attribute")
 PRESETS = {
     # Sized for a 2-core CPU in under 10 minutes with the shipped teacher (measured in README).
-    "demo": {"n_pairs": 1000, "ddim_steps": 25, "gen_batch": 250, "epochs": 10, "train_batch": 64, "lr": 1e-3,
+    "demo": {"n_pairs": 1000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 250, "epochs": 10, "train_batch": 64,
+             "lr": 1e-3,
              "inversion_steps": 10, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # The 60k-scale run for a GPU.
-    "full": {"n_pairs": 60000, "ddim_steps": 50, "gen_batch": 1000, "epochs": 50, "train_batch": 128, "lr": 1e-4,
+    "full": {"n_pairs": 60000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 1000, "epochs": 50, "train_batch": 128,
+             "lr": 1e-4,
              "inversion_steps": 50, "feature_batch": 1000, "n_attr": 36, "n_eval": 1000},
 }
 
@@ -81,7 +85,7 @@ def write_report(out: Path, preset: str, settings: dict, teacher: str, state: di
     lines = [f"# Direct Decoder pipeline report ({preset})", "",
              f"Teacher `{teacher}`; settings `{json.dumps(settings)}`; {software_versions()['platform']}, "
              f"torch {software_versions()['torch']}.", "", "## Wall time", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v['wall_s']:.1f} |" for k, v in state["stages"].items()]
+    lines += [f"| {k} | {state['stages'][k]['wall_s']:.1f} |" for k in STAGES if k in state["stages"]]
     lines += [f"| **total** | **{sum(v['wall_s'] for v in state['stages'].values()):.1f}** |", ""]
     lines += ["## Student vs teacher", "",
               "Top row: the teacher's DDIM image; bottom row: the student's one-step image for the same noise "

@@ -12,7 +12,7 @@ from .samplers import ddim_sample, ddpm_sample
 
 SAMPLERS = ("ddim", "ddpm")
 # Chosen from the DDIM-K quality sweep in BENCHMARKS.md (bench/bench_ddim_quality.py).
-DEFAULT_DDIM_STEPS = 50
+DEFAULT_DDIM_STEPS = 25
 DEFAULT_SPACING = "leading"
 SPACING_HELP = ("leading: range(0, T, T//K) reversed (DDIM paper); trailing: round(linspace(T-1, 0, K)); "
                 "both end with a step to the clean image")

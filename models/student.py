@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import inference_weights, load_strict
 from .diffusion import TeacherConfig
 from .io import PipelineError, load_checkpoint, sha256_file
 from .unet import BottleneckHook, Unet
@@ -76,14 +77,7 @@ def load_student(path: str | Path, device="cpu", use_ema: bool = True) -> Loaded
         raise PipelineError(f"{path} is {what}, not a direct-decoder checkpoint; {STUDENT_FIX}")
     args = ckpt["model_args"]
     decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"])
-    state = ckpt["model"]
-    if use_ema and isinstance(ckpt.get("model_ema"), dict):
-        state = {k[len("module."):]: v for k, v in ckpt["model_ema"].items() if k.startswith("module.")}
-    try:
-        decoder.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise PipelineError(f"{path}: weights do not match its recorded architecture "
-                            f"({str(err).splitlines()[0][:200]})") from err
+    load_strict(decoder, inference_weights(ckpt, use_ema)[0], path, "its recorded architecture")
     decoder.to(device).eval().requires_grad_(False)
     return LoadedStudent(decoder, str(path), sha256_file(path), ckpt["teacher"]["sha256"], ckpt)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .checkpoint import load_teacher
+from .checkpoint import load_teacher, restore_training_state
 from .data import split_indices
 from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save, atomic_write_json,
                  load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file, software_versions)
@@ -169,10 +169,7 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         if ckpt["config"]["total_steps"] != total or ckpt["teacher"]["sha256"] != teacher.sha256:
             raise PipelineError(f"--resume with different data, teacher or length than {existing[-1].name}; "
                                 "use the original command")
-        student.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["model_ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        restore_training_state(ckpt, student, ema, optimizer, scheduler)
         start_epoch, best_val = int(ckpt["epoch"]), float(ckpt["best_val_loss"])
         print(f"resumed from {existing[-1]} (epoch {start_epoch}/{opts.epochs})")
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")

@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .checkpoint import load_teacher
+from .checkpoint import load_teacher, restore_training_state
 from .data import load_dataset
 from .diffusion import MNISTDiffusion, TeacherConfig
 from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, load_checkpoint, pick_device,
@@ -143,10 +143,7 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
         if ckpt.get("config", {}).get("total_steps") != total:
             raise PipelineError(f"--resume with a different length ({total} steps vs "
                                 f"{ckpt['config'].get('total_steps')}); use the original --steps/--epochs")
-        diffusion.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["model_ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        restore_training_state(ckpt, diffusion, ema, optimizer, scheduler)
         step = int(ckpt["step"])
         print(f"resumed from {existing[-1]} at step {step}/{total}")
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
