@@ -19,9 +19,10 @@ from .classifier import load_classifier
 from .data import load_dataset
 from .features import check_feature_pairing, load_reference_features
 from .hooks import class_hook, exclude_hook, include_hook
-from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, atomic_path, atomic_save, atomic_write_json,
+from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, atomic_save, atomic_write_json,
                  pick_device, prepare_output_dir, save_image_grid, software_versions)
 from .noise import per_sample_noise
+from .plots import save_figure
 from .student import check_pairing, load_student
 
 SWEEP = [round(0.1 * i, 1) for i in range(1, 11)]
@@ -178,8 +179,6 @@ def _mean_sim(features: torch.Tensor, targets: torch.Tensor) -> float:
 
 def attribution_grid(images, indices, scores, labels, dataset, path: Path) -> None:
     """Each generation beside its top-k training images, with similarity and label."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,11 +194,7 @@ def attribution_grid(images, indices, scores, labels, dataset, path: Path) -> No
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 @torch.inference_mode()

@@ -32,6 +32,14 @@ def load_strict(module: torch.nn.Module, state: dict, path, what: str) -> None:
         raise PipelineError(f"{path}: weights do not match {what} ({str(err).splitlines()[0][:200]})") from err
 
 
+def checkpoint_to_resume(existing: list, resume: bool, out) -> "Path | None":
+    """The checkpoint --resume continues from; without --resume, existing checkpoints are never overwritten."""
+    if existing and not resume:
+        raise PipelineError(f"{out} already holds checkpoints (latest {existing[-1].name}); pass --resume to "
+                            "continue, or choose another --output_dir")
+    return existing[-1] if resume and existing else None
+
+
 def restore_training_state(ckpt: dict, model, ema, optimizer, scheduler) -> None:
     """Everything --resume needs besides the step counter, which each trainer keeps in its own unit."""
     model.load_state_dict(ckpt["model"])

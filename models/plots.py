@@ -24,8 +24,14 @@ def plot_metric_curves(stats_path, png_path, keys=("loss",), x="step", log_y=Fal
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    save_figure(fig, png_path)
+
+
+def save_figure(fig, path, dpi: int = 100) -> None:
+    """A matplotlib figure to PNG, atomically, and closed."""
+    import matplotlib.pyplot as plt
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
-    with atomic_path(png_path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .checkpoint import load_teacher, restore_training_state
+from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
 from .data import split_indices
 from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save, atomic_write_json,
                  load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file, software_versions)
@@ -160,18 +160,15 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
     loss_fn = DistillationLoss(opts, device)
     start_epoch, best_val = 0, math.inf
-    existing = list_epoch_checkpoints(out)
-    if existing and not resume:
-        raise PipelineError(f"{out} already holds {existing[-1].name}; pass --resume to continue, or choose "
-                            "another --output_dir")
-    if resume and existing:
-        ckpt = load_checkpoint(existing[-1], device, what="checkpoint to resume")
+    latest = checkpoint_to_resume(list_epoch_checkpoints(out), resume, out)
+    if latest is not None:
+        ckpt = load_checkpoint(latest, device, what="checkpoint to resume")
         if ckpt["config"]["total_steps"] != total or ckpt["teacher"]["sha256"] != teacher.sha256:
-            raise PipelineError(f"--resume with different data, teacher or length than {existing[-1].name}; "
+            raise PipelineError(f"--resume with different data, teacher or length than {latest.name}; "
                                 "use the original command")
         restore_training_state(ckpt, student, ema, optimizer, scheduler)
         start_epoch, best_val = int(ckpt["epoch"]), float(ckpt["best_val_loss"])
-        print(f"resumed from {existing[-1]} (epoch {start_epoch}/{opts.epochs})")
+        print(f"resumed from {latest} (epoch {start_epoch}/{opts.epochs})")
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 
     noise, images = data["noise"].to(device), data["images"].to(device)

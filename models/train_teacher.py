@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .checkpoint import load_teacher, restore_training_state
+from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
 from .data import load_dataset
 from .diffusion import MNISTDiffusion, TeacherConfig
 from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, load_checkpoint, pick_device,
@@ -128,24 +128,21 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, opts.lr, total_steps=total, pct_start=0.25,
                                                     anneal_strategy="cos")
     step = 0
-    existing = list_checkpoints(out)
-    if existing and not resume:
-        raise PipelineError(f"{out} already holds checkpoints (latest {existing[-1].name}); pass --resume to "
-                            "continue, or choose another --output_dir")
-    if resume and existing:
-        ckpt = load_checkpoint(existing[-1], device, what="checkpoint to resume")
+    latest = checkpoint_to_resume(list_checkpoints(out), resume, out)
+    if latest is not None:
+        ckpt = load_checkpoint(latest, device, what="checkpoint to resume")
         saved = ckpt.get("config", {}).get("options", {})
         for key in ("dataset", "batch_size", "lr", "base_dim", "dim_mults", "timesteps", "seed", "ema_every",
                     "ema_decay"):
             if key in saved and saved[key] != getattr(opts, key):
                 raise PipelineError(f"--resume with a different {key} ({getattr(opts, key)} vs {saved[key]} "
-                                    f"in {existing[-1].name}); use the original options")
+                                    f"in {latest.name}); use the original options")
         if ckpt.get("config", {}).get("total_steps") != total:
             raise PipelineError(f"--resume with a different length ({total} steps vs "
                                 f"{ckpt['config'].get('total_steps')}); use the original --steps/--epochs")
         restore_training_state(ckpt, diffusion, ema, optimizer, scheduler)
         step = int(ckpt["step"])
-        print(f"resumed from {existing[-1]} at step {step}/{total}")
+        print(f"resumed from {latest} at step {step}/{total}")
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 
     images = data.images.to(device)
