@@ -1,7 +1,7 @@
 """Show the direct decoder's output and the effect of each bottleneck hook type on the same noise."""
 import argparse
 
-from models.cli import HelpFormatter
+from models.cli import HelpFormatter, add_common
 from models.gallery import hook_gallery
 from models.io import DEFAULT_CLASSIFIER, DEFAULT_TEACHER, run_cli
 
@@ -17,10 +17,10 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="noise of sample i depends only on (seed, i)")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
                    help="project classifier, used to find class means and report class shares")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    add_common(p)
     a = p.parse_args()
     hook_gallery(a.ddpm_ckpt, a.decoder_ckpt, a.n_samples, a.output_dir, a.seed, a.strength, a.target_class, a.cpu,
-                 a.classifier)
+                 a.classifier, a.dry_run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The quickstart's visual check: the student's baseline output and every hook type on the same noise."""
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -18,7 +19,7 @@ PROBE_SAMPLES = 256  # generations weighted by the classifier to estimate a clas
 
 def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: str, seed: int = 0,
                  strength: float = 0.5, target_class: int = 3, cpu: bool = False,
-                 classifier_path: str = DEFAULT_CLASSIFIER) -> dict:
+                 classifier_path: str = DEFAULT_CLASSIFIER, dry_run: bool = False) -> dict:
     if n_samples < 3:
         raise PipelineError(f"--n_samples must be at least 3 (hooks use samples 0-2 as targets), got {n_samples}")
     device = pick_device(cpu)
@@ -28,6 +29,12 @@ def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: 
     check_pairing(student, teacher.sha256, ddpm_ckpt)
     classifier = load_classifier(classifier_path, device)
     print(f"teacher, student and classifier loaded to {device} in {time.perf_counter() - start:.2f}s")
+    if dry_run:
+        print(json.dumps({"teacher": teacher.path, "teacher_sha256": teacher.sha256, "student": student.path,
+                          "bottleneck_shape": list(student.decoder.bottleneck_shape), "n_samples": n_samples,
+                          "strength": strength, "target_class": target_class, "seed": seed,
+                          "output_dir": output_dir, "device": str(device)}, indent=2))
+        return {}
     out = prepare_output_dir(output_dir)
     decoder = student.decoder
     z = per_sample_noise(seed, range(n_samples), device=device)
