@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from helpers import load_pt, subprocess_env
+from models.sampling import DEFAULT_DDIM_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def test_quickstart_small_test_run(upstream_ckpt_path, tmp_path):
             assert data["noise"].shape == data["images"].shape == (100, 1, 28, 28)
             assert data["images"].abs().max() <= 1.0 and torch.isfinite(data["images"]).all()
             meta = data["metadata"]
-            assert meta["sampler"] == "ddim" and meta["steps"] == 50 and meta["eta"] == 0.0
+            assert meta["sampler"] == "ddim" and meta["steps"] == DEFAULT_DDIM_STEPS and meta["eta"] == 0.0
             assert not (tmp_path / "test_data" / "shards").exists()
 
         elif script == "train_direct_decoder.py":
