@@ -1,15 +1,14 @@
 """Generate with include / exclude / class hooks in the direct decoder's bottleneck, and attribute each
 generation to the training images whose reference features it most resembles."""
-import argparse
 
 from models.attribution import AttributionOptions, attribution_generation
-from models.cli import HelpFormatter, add_common, options_from_args
+from models.cli import ArgumentParser, add_common, options_from_args
 from models.io import run_cli
 
 
 def main():
     d = AttributionOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint")
     p.add_argument("--decoder_ckpt", default=d.decoder_ckpt, help="direct-decoder checkpoint")
     p.add_argument("--ref_features_path", default=d.ref_features_path, help="from extract_reference_features.py")

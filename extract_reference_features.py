@@ -1,7 +1,6 @@
 """Bottleneck features of every training image, in the space the direct decoder's hooks act on."""
-import argparse
 
-from models.cli import HelpFormatter, add_common, options_from_args
+from models.cli import ArgumentParser, add_common, options_from_args
 from models.data import SOURCES
 from models.features import FeatureOptions, extract_reference_features
 from models.io import run_cli
@@ -9,7 +8,7 @@ from models.io import run_cli
 
 def main():
     d = FeatureOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint (used for DDIM inversion)")
     p.add_argument("--decoder_ckpt", default=d.decoder_ckpt, help="direct-decoder checkpoint")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per batch")
@@ -18,8 +17,9 @@ def main():
                    help="training images; default: the teacher's data source (mnist for upstream checkpoints)")
     p.add_argument("--split", choices=["train", "test"], default=d.split, help="dataset split")
     p.add_argument("--limit", type=int, default=d.limit, help="use only the first N images (0: all)")
-    p.add_argument("--inversion_steps", type=int, default=d.inversion_steps, help="DDIM inversion steps")
-    p.add_argument("--spacing", choices=["leading", "trailing"], default=d.spacing, help="DDIM inversion grid")
+    p.add_argument("--inversion_steps", type=int, default=d.inversion_steps,
+                   help="DDIM inversion steps, evenly spaced from t = 0 up to the first timestep of the sampler "
+                        "that made the student's training pairs (read from the student checkpoint)")
     p.add_argument("--fp16", action="store_true", help="store features as float16 (half the file size)")
     p.add_argument("--no_latents", dest="store_latents", action="store_false", help="do not store the latents")
     p.add_argument("--consistency_samples", type=int, default=d.consistency_samples,

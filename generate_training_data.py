@@ -1,7 +1,6 @@
 """Generate (noise, image) training pairs for the direct decoder from a teacher DDPM's deterministic sampler."""
-import argparse
 
-from models.cli import HelpFormatter, add_common, options_from_args
+from models.cli import ArgumentParser, add_common, options_from_args
 from models.generate import GenerateOptions, generate_training_data
 from models.io import run_cli
 from models.sampling import SPACING_HELP
@@ -9,7 +8,7 @@ from models.sampling import SPACING_HELP
 
 def main():
     d = GenerateOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", default=d.ckpt, help="teacher checkpoint (ours or upstream MNISTDiffusion's)")
     p.add_argument("--n_samples", type=int, default=d.n_samples, help="number of (noise, image) pairs")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="samples per forward pass (no effect on results)")

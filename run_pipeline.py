@@ -1,13 +1,12 @@
 """Run the whole pipeline (generate -> train -> extract -> attribute) and write a report: the main job."""
-import argparse
 
-from models.cli import HelpFormatter
+from models.cli import ArgumentParser
 from models.io import DEFAULT_CLASSIFIER, DEFAULT_TEACHER, run_cli
 from models.pipeline import PRESETS, run_pipeline
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="demo: minutes on a 2-core CPU; full: the 60k-pair run for a GPU")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher DDPM checkpoint")

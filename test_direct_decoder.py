@@ -1,13 +1,12 @@
 """Show the direct decoder's output and the effect of each bottleneck hook type on the same noise."""
-import argparse
 
-from models.cli import HelpFormatter, add_common
+from models.cli import ArgumentParser, add_common
 from models.gallery import hook_gallery
 from models.io import DEFAULT_CLASSIFIER, DEFAULT_TEACHER, run_cli
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=DEFAULT_TEACHER, help="the student's teacher checkpoint")
     p.add_argument("--decoder_ckpt", default="direct_decoder_results/best_model.pt", help="direct-decoder checkpoint")
     p.add_argument("--n_samples", type=int, default=9, help="images per PNG (>= 3)")

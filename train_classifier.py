@@ -1,5 +1,4 @@
 """Train the small MNIST classifier whose features score generated digits (Frechet distance, precision/recall)."""
-import argparse
 import os
 import shlex
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 import torch
 
 from models.classifier import DEFAULT_PATH, train_classifier
-from models.cli import HelpFormatter, add_common
+from models.cli import ArgumentParser, add_common
 from models.io import atomic_write_json, pick_device, run_cli, sha256_file
 
 
@@ -27,7 +26,7 @@ def machine(device: torch.device) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--dataset", default="mnist5k", help="data source: mnist5k (bundled), fashion-mnist, mnist")
     p.add_argument("--epochs", type=int, default=12, help="passes over the training split")
     p.add_argument("--batch_size", type=int, default=64, help="images per optimizer step")

@@ -1,14 +1,13 @@
 """Train a teacher DDPM in the MNISTDiffusion format (upstream recipe), resumable bit-exactly."""
-import argparse
 
-from models.cli import HelpFormatter, add_common, options_from_args
+from models.cli import ArgumentParser, add_common, options_from_args
 from models.io import run_cli
 from models.train_teacher import TeacherTrainOptions, train_teacher
 
 
 def main():
     d = TeacherTrainOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--dataset", default=d.dataset, help="data source: mnist5k (bundled), fashion-mnist, mnist")
     p.add_argument("--download", action="store_true", help="allow downloading --dataset mnist into ./mnist_data")
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints steps_XXXXXXXX.pt, grids, stats.jsonl")
@@ -32,6 +31,9 @@ def main():
     p.add_argument("--init_from", default=d.init_from,
                    help="start from this checkpoint's weights and EMA under a new schedule (to train a finished run "
                         "longer); its architecture overrides the flags; steps so far are recorded as steps_before")
+    p.add_argument("--time_embedding_init", choices=("random", "sinusoidal"), default=d.time_embedding_init,
+                   help="initial rows of the per-timestep embedding table: random (upstream) or sinusoidal "
+                        "(smooth in t; same architecture and checkpoint format)")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (0: torch's default)")
     add_common(p, resume=True)
     args = p.parse_args()

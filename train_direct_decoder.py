@@ -1,14 +1,13 @@
 """Train the one-step direct decoder (noise -> teacher image), warm-started from the teacher DDPM."""
-import argparse
 
-from models.cli import HelpFormatter, add_common, options_from_args
+from models.cli import ArgumentParser, add_common, options_from_args
 from models.io import run_cli
 from models.train_student import StudentTrainOptions, train_student
 
 
 def main():
     d = StudentTrainOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint the training data came from")
     p.add_argument("--data_path", default=d.data_path, help="training_data.pt from generate_training_data.py")
     p.add_argument("--output_dir", default=d.output_dir,
@@ -23,10 +22,16 @@ def main():
                    help="weight of a feature-matching loss in the project classifier's feature space (0: off)")
     p.add_argument("--classifier", default=d.classifier, help="classifier for the perceptual loss and evaluation")
     p.add_argument("--ema_decay", type=float, default=d.ema_decay, help="EMA decay per step (with warm-up)")
+    p.add_argument("--bn_samples", type=int, default=d.bn_samples,
+                   help="training latents over which the EMA model's BatchNorm statistics are recomputed before "
+                        "each evaluation and save (0: keep the averaged running statistics)")
     p.add_argument("--grad_clip", type=float, default=d.grad_clip, help="max gradient norm")
     p.add_argument("--val_fraction", type=float, default=d.val_fraction, help="validation share, split fixed by seed")
     p.add_argument("--n_preview", type=int, default=d.n_preview, help="validation pairs in samples_epoch_XXX.png")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the split, data order and initialisation")
+    p.add_argument("--skips", choices=["zero", "keep"], default=d.skips,
+                   help="zero: the decoder reads only the bottleneck, so hooks there steer the whole image; keep: "
+                        "the teacher's skip connections (closer to the teacher, but hooks barely steer)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=d.precision,
                    help="GPU arithmetic (ignored on CPU, which always runs fp32)")
     p.add_argument("--no_evaluate", dest="evaluate", action="store_false",

@@ -1,14 +1,13 @@
 """List the known checkpoints (path, size, sha256, kind, what produced them) and verify them against
 checkpoints/MANIFEST.json. Exit 0 if all are intact, 2 if one is missing or does not match."""
-import argparse
 
-from models.cli import HelpFormatter
+from models.cli import ArgumentParser
 from models.io import run_cli
 from models.manifest import MANIFEST, add_entry, verify
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("paths", nargs="*", help="check only these manifest entries (default: all)")
     p.add_argument("--manifest", default=str(MANIFEST), help="manifest file")
     p.add_argument("--add", metavar="PATH", help="record PATH in the manifest instead of verifying")

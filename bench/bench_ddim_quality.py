@@ -4,7 +4,6 @@ real images, with k-NN precision/recall, for DDIM-K versus upstream's 1000-step 
 
     python bench/bench_ddim_quality.py --ckpt checkpoints/teacher_mnist5k.pt --n 300
 """
-import argparse
 import json
 import sys
 import time
@@ -17,10 +16,11 @@ from models.classifier import load_classifier  # noqa: E402
 from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images  # noqa: E402
 from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device  # noqa: E402
 from models.metrics import image_quality_report  # noqa: E402
+from models.cli import ArgumentParser  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="teacher checkpoint")
     p.add_argument("--n", type=int, default=300, help="samples per configuration")
     p.add_argument("--ks", type=int, nargs="+", default=[10, 25, 50, 100, 250], help="DDIM step counts")

@@ -5,7 +5,6 @@ the peak memory of 200 versus 2,000 pairs.
 
     python bench/bench_generate.py --ckpt checkpoints/teacher_mnist5k.pt --n 200 --batch_size 100
 """
-import argparse
 import json
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from models.generate import GenerateOptions, generate_training_data  # noqa: E40
 from models.io import append_jsonl, machine_description, pick_device  # noqa: E402
 from models.samplers import ddpm_reverse_step  # noqa: E402
 from models.sampling import DEFAULT_DDIM_STEPS  # noqa: E402
+from models.cli import ArgumentParser  # noqa: E402
 
 
 @torch.inference_mode()
@@ -75,7 +75,7 @@ def peak_rss_mib(args: list[str]) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="teacher checkpoint")
     p.add_argument("--n", type=int, default=200, help="pairs for the speed comparison")
     p.add_argument("--n_original", type=int, default=0, help="pairs for the original loop (0: same as --n)")

@@ -3,7 +3,6 @@ and k-NN precision/recall in its feature space against shuffled real images, and
 
     python bench/eval_teacher.py --ckpt checkpoints/teacher_mnist5k.pt --n 1000 --out checkpoints/teacher_mnist5k_eval.json
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,10 +17,11 @@ from models.io import (DEFAULT_CLASSIFIER, atomic_write_json, machine_descriptio
                        save_image_grid, software_versions)
 from models.metrics import image_quality_report  # noqa: E402
 from models.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING  # noqa: E402
+from models.cli import ArgumentParser  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="teacher checkpoint")
     p.add_argument("--n", type=int, default=1000, help="samples")
     p.add_argument("--steps", type=int, default=DEFAULT_DDIM_STEPS, help="DDIM steps")

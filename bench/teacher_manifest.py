@@ -4,7 +4,6 @@ from its checkpoint, the run's training_options.json / stats.jsonl, and bench/ev
     python bench/teacher_manifest.py --ckpt checkpoints/teacher_mnist5k.pt --run_dir runs/teacher_mnist5k \
         --command "$(cat runs/teacher_cmd.sh)" --wall_s 4700 --eval checkpoints/teacher_mnist5k_eval.json
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -12,10 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.io import atomic_write_json, load_checkpoint, machine_description, sha256_file  # noqa: E402
+from models.cli import ArgumentParser  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="shipped teacher checkpoint")
     p.add_argument("--run_dir", required=True, help="the train_ddpm.py output directory it came from")
     p.add_argument("--command", required=True, help="the exact training command")

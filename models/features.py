@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_teacher
 from .data import SOURCES, load_dataset
-from .io import DEFAULT_TEACHER, PipelineError, atomic_save, load_checkpoint, pick_device, software_versions
+from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file, load_checkpoint, pick_device,
+                 software_versions)
 from .noise import per_sample_noise
-from .samplers import ddim_invert
-from .sampling import DEFAULT_SPACING
+from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
 from .shards import ShardedJob
 from .student import check_pairing, load_student
 
@@ -41,7 +41,6 @@ class FeatureOptions:
     split: str = "train"
     limit: int = 0                  # 0: every image
     inversion_steps: int = DEFAULT_INVERSION_STEPS
-    spacing: str = DEFAULT_SPACING
     fp16: bool = False
     store_latents: bool = True
     consistency_samples: int = 256
@@ -70,12 +69,19 @@ def _validate(opts: FeatureOptions) -> None:
         raise PipelineError("--limit and --consistency_samples must be >= 0")
     if opts.dataset is not None and opts.dataset not in SOURCES:
         raise PipelineError(f"--dataset must be one of {SOURCES}, got {opts.dataset!r}")
-    out_path = Path(opts.output_path)
-    if out_path.is_dir():
-        raise PipelineError(f"--output_path {out_path} is a directory; give a file name such as reference_features.pt")
-    blocking = next((p for p in out_path.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise PipelineError(f"cannot write --output_path {out_path}: {blocking} is a file, not a directory")
+    check_output_file(opts.output_path, "--output_path")
+
+
+def latent_timestep(student_checkpoint: dict, timesteps: int) -> int:
+    """Where the student's input noise lives: the first timestep of the teacher grid its training pairs came from.
+
+    DDIM with leading K = 25 starts at t = 960, so its noise is x_960; an inversion that stopped at another
+    timestep would hand the student latents with the wrong share of image signal.
+    """
+    meta = student_checkpoint.get("training_data", {}).get("metadata", {})
+    if meta.get("sampler") == "ddim":
+        return ddim_timesteps(timesteps, int(meta["steps"]), meta.get("spacing", "trailing"))[0]
+    return timesteps - 1
 
 
 def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> dict:
@@ -87,19 +93,20 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     check_pairing(student, teacher.sha256, opts.ddpm_ckpt)
     load_s = time.perf_counter() - start
     source = opts.dataset or teacher.checkpoint.get("data_source") or "mnist"
+    grid = inversion_timesteps(latent_timestep(student.checkpoint, teacher.config.timesteps), opts.inversion_steps)
     out_path = Path(opts.output_path)
     data = load_dataset(source, opts.split, download=opts.download)
     n = min(len(data), opts.limit) if opts.limit else len(data)
     identity = {"teacher_sha256": teacher.sha256, "student_sha256": student.sha256, "dataset": source,
                 "split": opts.split, "n": n, "method": "ddim_inversion", "inversion_steps": opts.inversion_steps,
-                "spacing": opts.spacing, "fp16": opts.fp16, "store_latents": opts.store_latents, "device": device.type}
+                "inversion_timesteps": grid, "fp16": opts.fp16, "store_latents": opts.store_latents, "device": device.type}
     resolved = {"options": asdict(opts), "identity": identity, "device": str(device), "load_s": round(load_s, 3),
                 "bottleneck_shape": list(student.decoder.bottleneck_shape)}
     if dry_run:
         print(json.dumps(resolved, indent=2))
         return resolved
     print(f"teacher + student loaded to {device} in {load_s:.2f}s; {n} {source}/{opts.split} images, "
-          f"DDIM inversion with {opts.inversion_steps} steps")
+          f"DDIM inversion in {len(grid)} steps up to t = {grid[-1]}, where the student's noise lives")
     job = ShardedJob(out_path.with_name(out_path.name + ".shards"), identity, n,
                      opts.shard_size or 10 * opts.batch_size)
     eps_fn = teacher.diffusion.predict_noise
@@ -112,7 +119,7 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
         for b in range(lo, hi, opts.batch_size):
             x = data.images[b:min(b + opts.batch_size, hi)].to(device)
             with torch.inference_mode():
-                z = ddim_invert(eps_fn, x, acp, opts.inversion_steps, spacing=opts.spacing)
+                z = ddim_invert(eps_fn, x, acp, len(grid), timesteps=grid)
                 recon, h, _ = decoder.generate(z)
             parts["features"].append((h.half() if opts.fp16 else h.float()).cpu())
             parts["latents"].append(z.float().cpu())
@@ -123,12 +130,12 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     work_s = time.perf_counter() - work_start
     keys = ["features", "psnr"] + (["latents"] if opts.store_latents else [])
     assembled = job.assemble(keys)
-    consistency = measure_consistency(decoder, eps_fn, acp, opts.inversion_steps, opts.spacing,
+    consistency = measure_consistency(decoder, eps_fn, acp, grid,
                                       opts.consistency_samples, opts.batch_size, device)
     recon_psnr = assembled.pop("psnr")
     metadata = {"dataset": source, "split": opts.split, "n": n, "method": "ddim_inversion (teacher, eta=0) -> "
                 "student bottleneck", "inversion_steps": opts.inversion_steps,
-                "spacing": opts.spacing, "teacher_path": teacher.path, "teacher_sha256": teacher.sha256,
+                "inversion_timesteps": grid, "latent_timestep": grid[-1], "teacher_path": teacher.path, "teacher_sha256": teacher.sha256,
                 "student_path": student.path, "student_sha256": student.sha256,
                 "bottleneck_shape": list(decoder.bottleneck_shape), "dtype": "float16" if opts.fp16 else "float32",
                 "consistency": consistency | {"reconstruction_psnr_db_mean": recon_psnr.mean().item(),
@@ -152,7 +159,7 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
 
 
 @torch.inference_mode()
-def measure_consistency(decoder, eps_fn, alphas_cumprod, steps: int, spacing: str, n: int, batch_size: int,
+def measure_consistency(decoder, eps_fn, alphas_cumprod, grid: list[int], n: int, batch_size: int,
                         device) -> dict:
     """(a) For images the student generates from z, does extraction recover the student's bottleneck at z?"""
     if n == 0:
@@ -161,7 +168,7 @@ def measure_consistency(decoder, eps_fn, alphas_cumprod, steps: int, spacing: st
     for b in range(0, n, batch_size):
         z = per_sample_noise(2024, range(b, min(b + batch_size, n)), device=device)
         images, h, _ = decoder.generate(z)
-        z_back = ddim_invert(eps_fn, images.float().clamp(-1, 1), alphas_cumprod, steps, spacing=spacing)
+        z_back = ddim_invert(eps_fn, images.float().clamp(-1, 1), alphas_cumprod, len(grid), timesteps=grid)
         cos.append(flat_cosine(h, decoder.bottleneck(z_back)).cpu())
         latent_cos.append(flat_cosine(z, z_back).cpu())
     cos, latent_cos = torch.cat(cos), torch.cat(latent_cos)

@@ -81,11 +81,21 @@ def prepare_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_file(path: str | os.PathLike, flag: str = "") -> Path:
+    """Refuses, before any work, an output file that could never be written: a directory, or a path under a file."""
+    path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise PipelineError(f"{name} is a directory; give a file name such as {path / 'output.pt'}")
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise PipelineError(f"cannot write {name}: {blocking} is a file, not a directory")
+    return path
+
+
 def _check_parent(path: Path) -> None:
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise PipelineError(f"cannot write {path}: {parent} is a file")
-    parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 @contextmanager
@@ -128,6 +138,17 @@ def append_jsonl(record: dict, path: str | os.PathLike) -> None:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def truncate_jsonl(path: str | os.PathLike, key: str, last) -> None:
+    """On --resume: drops log records after the checkpoint resumed from, so the log reads like an unbroken run."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get(key, last) <= last]
+    if len(kept) != len(rows):
+        atomic_write_text("".join(line + "\n" for line in kept), path)
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "checkpoint",

@@ -107,10 +107,30 @@ def ddim_sample(eps_fn: EpsFn, x_T, alphas_cumprod, num_steps: int, eta: float =
     return x
 
 
+def inversion_timesteps(end_timestep: int, num_steps: int) -> list[int]:
+    """An ascending grid of ``num_steps`` timesteps from 0 to ``end_timestep``, evenly spaced.
+
+    Inversion must end where the sampler it inverts starts (e.g. t = 960 for leading K = 25), or the latent
+    holds a different share of signal than the noise the sampler, and a student distilled from it, expects.
+    With end = T - T//K and num_steps = K it is exactly the leading grid walked upwards.
+    """
+    if num_steps < 1:
+        raise ValueError(f"inversion steps must be >= 1, got {num_steps}")
+    if num_steps == 1:
+        return [int(end_timestep)]
+    grid = torch.linspace(0, end_timestep, num_steps, dtype=torch.float64).round().long().tolist()
+    return sorted(set(grid))
+
+
 def ddim_invert(eps_fn: EpsFn, x_0, alphas_cumprod, num_steps: int,
-                progress: Optional[Callable[[int], None]] = None, spacing: str = "trailing"):
-    """Image -> the latent x_T that eta=0 DDIM maps back to it (same grid, walked upwards)."""
-    grid = list(reversed(ddim_timesteps(len(alphas_cumprod), num_steps, spacing)))
+                progress: Optional[Callable[[int], None]] = None, spacing: str = "trailing",
+                timesteps: Optional[list[int]] = None):
+    """Image -> the latent that eta=0 DDIM maps back to it: the sampling grid of (num_steps, spacing) walked
+    upwards, or an explicit ascending ``timesteps`` grid (see ``inversion_timesteps``)."""
+    grid = list(timesteps) if timesteps is not None else \
+        list(reversed(ddim_timesteps(len(alphas_cumprod), num_steps, spacing)))
+    if any(b <= a for a, b in zip(grid, grid[1:])) or not grid or grid[0] < 0 or grid[-1] >= len(alphas_cumprod):
+        raise ValueError(f"inversion timesteps must ascend within [0, {len(alphas_cumprod) - 1}], got {grid}")
     abar_from = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
     x = x_0
     for t in grid:

@@ -20,18 +20,29 @@ from .unet import BottleneckHook, Unet
 STUDENT_FIX = "pass a checkpoint written by train_direct_decoder.py (e.g. direct_decoder_results/best_model.pt)"
 
 
+SKIP_MODES = ("zero", "keep")
+
+
 class DirectDecoder(nn.Module):
-    def __init__(self, teacher_config: TeacherConfig, input_timestep: Optional[int] = None):
+    """``skips="zero"`` (the default) feeds the decoder zeros instead of the encoder's skip connections, so every
+    output pixel depends on the input only through the bottleneck: a hook there then steers all of the image.
+    With ``"keep"`` (the teacher's wiring) the 28x28 and 14x14 skips carry most of the content past the
+    bottleneck, and bottleneck hooks barely move the output (measured in BENCHMARKS.md)."""
+
+    def __init__(self, teacher_config: TeacherConfig, input_timestep: Optional[int] = None, skips: str = "zero"):
         super().__init__()
+        if skips not in SKIP_MODES:
+            raise PipelineError(f"skips must be one of {SKIP_MODES}, got {skips!r}")
         c = teacher_config
         self.teacher_config = c
+        self.skips = skips
         self.input_timestep = c.timesteps - 1 if input_timestep is None else int(input_timestep)
         self.unet = Unet(c.timesteps, c.time_embedding_dim, c.in_channels, c.in_channels, c.base_dim,
                          list(c.dim_mults))
 
     @property
     def model_args(self) -> dict:
-        return {"teacher": self.teacher_config.to_dict(), "input_timestep": self.input_timestep}
+        return {"teacher": self.teacher_config.to_dict(), "input_timestep": self.input_timestep, "skips": self.skips}
 
     @property
     def bottleneck_shape(self) -> tuple[int, int, int]:
@@ -40,8 +51,14 @@ class DirectDecoder(nn.Module):
     def _timestep(self, z: torch.Tensor) -> torch.Tensor:
         return torch.full((z.shape[0],), self.input_timestep, device=z.device, dtype=torch.long)
 
+    def _encode(self, z: torch.Tensor):
+        h, shortcuts, t_emb = self.unet.encode(z, self._timestep(z))
+        if self.skips == "zero":
+            shortcuts = [torch.zeros_like(s) for s in shortcuts]
+        return h, shortcuts, t_emb
+
     def forward(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None) -> torch.Tensor:
-        return self.unet(z, self._timestep(z), bottleneck_hook=hook)
+        return self.generate(z, hook)[0]
 
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         """The features hooks act on (before any hook), e.g. to build reference features."""
@@ -49,13 +66,13 @@ class DirectDecoder(nn.Module):
 
     def generate(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None):
         """Image plus the bottleneck before and after the hook, from one encoder pass."""
-        h, shortcuts, t_emb = self.unet.encode(z, self._timestep(z))
+        h, shortcuts, t_emb = self._encode(z)
         steered = hook(h) if hook is not None else h
         return self.unet.decode(steered, shortcuts, t_emb), h, steered
 
     @classmethod
-    def from_teacher(cls, teacher_unet: Unet, teacher_config: TeacherConfig) -> "DirectDecoder":
-        student = cls(teacher_config)
+    def from_teacher(cls, teacher_unet: Unet, teacher_config: TeacherConfig, skips: str = "zero") -> "DirectDecoder":
+        student = cls(teacher_config, skips=skips)
         student.unet.load_state_dict(teacher_unet.state_dict())
         return student
 
@@ -76,7 +93,8 @@ def load_student(path: str | Path, device="cpu", use_ema: bool = True) -> Loaded
             else f"a {ckpt.get('kind', 'unknown')} file"
         raise PipelineError(f"{path} is {what}, not a direct-decoder checkpoint; {STUDENT_FIX}")
     args = ckpt["model_args"]
-    decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"])
+    # checkpoints from before the skips option kept the teacher's skip connections
+    decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"], args.get("skips", "keep"))
     load_strict(decoder, inference_weights(ckpt, use_ema)[0], path, "its recorded architecture")
     decoder.to(device).eval().requires_grad_(False)
     return LoadedStudent(decoder, str(path), sha256_file(path), ckpt["teacher"]["sha256"], ckpt)

@@ -16,10 +16,11 @@ from tqdm import tqdm
 from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
 from .data import split_indices
 from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save, atomic_write_json,
-                 load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file, software_versions)
+                 load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file, software_versions,
+                 truncate_jsonl)
 from .plots import plot_metric_curves
 from .sampling import autocast_for, configure_precision
-from .student import DirectDecoder
+from .student import SKIP_MODES, DirectDecoder
 
 EPOCH_RE = re.compile(r"ckpt_epoch_(\d{3,})\.pt$")
 LOSSES = ("mse", "huber")
@@ -39,10 +40,12 @@ class StudentTrainOptions:
     perceptual_weight: float = 0.0
     classifier: str = DEFAULT_CLASSIFIER
     ema_decay: float = 0.999
+    bn_samples: int = 1024      # training latents used to recompute the EMA model's BatchNorm statistics
     grad_clip: float = 1.0
     val_fraction: float = 0.1
     n_preview: int = 8
     seed: int = 0
+    skips: str = "zero"         # "zero": the decoder reads only the bottleneck; "keep": the teacher's skips
     precision: str = "bf16"     # CUDA only
     cpu: bool = False
     evaluate: bool = True
@@ -54,6 +57,30 @@ def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
         d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
         return d * avg + (1.0 - d) * new
     return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
+    """Recomputes BatchNorm running statistics as exact averages over ``inputs`` (deterministic, in place).
+
+    The statistics a model carries lag its weights, and the EMA's averaged statistics do not belong to its
+    averaged weights; where a channel is constant (the zeroed skips' halves) the variance is ~0 and any lag is
+    amplified ~300x in eval mode. Evaluating and saving with recalibrated statistics removes both errors.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or inputs.shape[0] == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for start in range(0, inputs.shape[0], batch_size):
+        model(inputs[start:start + batch_size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def list_epoch_checkpoints(out: Path) -> list[Path]:
@@ -95,12 +122,16 @@ def _validate(opts: StudentTrainOptions) -> None:
     for name in ("lr", "grad_clip"):
         if not (getattr(opts, name) > 0 and math.isfinite(getattr(opts, name))):
             raise PipelineError(f"--{name} must be a positive number, got {getattr(opts, name)}")
+    if opts.skips not in SKIP_MODES:
+        raise PipelineError(f"--skips must be one of {SKIP_MODES}, got {opts.skips!r}")
     if opts.loss not in LOSSES:
         raise PipelineError(f"--loss must be one of {LOSSES}, got {opts.loss!r}")
     if not (0 <= opts.perceptual_weight < math.inf):
         raise PipelineError(f"--perceptual_weight must be finite and >= 0, got {opts.perceptual_weight}")
     if not (0 < opts.val_fraction < 1):
         raise PipelineError(f"--val_fraction must be in (0, 1), got {opts.val_fraction}")
+    if opts.bn_samples < 0:
+        raise PipelineError(f"--bn_samples must be >= 0, got {opts.bn_samples}")
     if not (0 <= opts.ema_decay < 1):
         raise PipelineError(f"--ema_decay must be in [0, 1), got {opts.ema_decay}")
 
@@ -154,7 +185,7 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         return resolved
     out = prepare_output_dir(opts.output_dir)
     torch.manual_seed(opts.seed)
-    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config).to(device)
+    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips).to(device)
     ema = make_student_ema(student, opts.ema_decay)
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
@@ -168,6 +199,7 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                                 "use the original command")
         restore_training_state(ckpt, student, ema, optimizer, scheduler)
         start_epoch, best_val = int(ckpt["epoch"]), float(ckpt["best_val_loss"])
+        truncate_jsonl(out / "stats.jsonl", "epoch", start_epoch)
         print(f"resumed from {latest} (epoch {start_epoch}/{opts.epochs})")
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 
@@ -200,6 +232,7 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
             seen += len(idx)
             bar.set_postfix(loss=f"{running / seen:.4f}")
         bar.close()
+        recalibrate_batchnorm(ema.module, noise[train_idx[:opts.bn_samples]], opts.batch_size)
         val_loss = evaluate_loss(ema.module, noise[val_idx], images[val_idx], opts.batch_size, device, opts.precision)
         epoch_no = epoch + 1
         record = {"epoch": epoch_no, "train_loss": running / seen, "val_loss": val_loss,

@@ -16,11 +16,13 @@ from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_sta
 from .data import load_dataset
 from .diffusion import MNISTDiffusion, TeacherConfig
 from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, load_checkpoint, pick_device,
-                 save_image_grid, software_versions)
+                 save_image_grid, software_versions, truncate_jsonl)
 from .noise import per_sample_noise, step_generator
 from .plots import plot_metric_curves
 from .sampling import teacher_sample
+from .unet import sinusoidal_table
 
+TIME_EMBEDDING_INITS = ("random", "sinusoidal")
 CHECKPOINT_RE = re.compile(r"steps_(\d{8})\.pt$")
 
 
@@ -47,6 +49,7 @@ class TeacherTrainOptions:
     cpu: bool = False
     threads: int = 0
     init_from: str = ""           # continue training a finished checkpoint under a new schedule
+    time_embedding_init: str = "random"  # "random" (upstream) or "sinusoidal"
 
 
 def upstream_ema_decay(decay: float, batch_size: int, ema_every: int, epochs: float) -> float:
@@ -84,6 +87,9 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     for name in ("batch_size", "epochs", "ema_every", "save_every", "base_dim", "timesteps"):
         if getattr(opts, name) <= 0:
             raise PipelineError(f"--{name} must be positive, got {getattr(opts, name)}")
+    if opts.time_embedding_init not in TIME_EMBEDDING_INITS:
+        raise PipelineError(f"--time_embedding_init must be one of {', '.join(TIME_EMBEDDING_INITS)}, "
+                            f"got {opts.time_embedding_init!r}")
     if not (opts.lr > 0 and math.isfinite(opts.lr)):
         raise PipelineError(f"--lr must be a positive number, got {opts.lr}")
     if opts.threads:
@@ -117,6 +123,10 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
 
     torch.manual_seed(opts.seed)
     diffusion = MNISTDiffusion(model_args).to(device)
+    if opts.time_embedding_init == "sinusoidal":
+        with torch.no_grad():
+            diffusion.model.time_embedding.weight.copy_(
+                sinusoidal_table(model_args.timesteps, model_args.time_embedding_dim))
     ema = make_ema(diffusion, decay)
     if init is not None:
         diffusion.load_state_dict(init.checkpoint["model"])
@@ -142,6 +152,7 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
                                 f"{ckpt['config'].get('total_steps')}); use the original --steps/--epochs")
         restore_training_state(ckpt, diffusion, ema, optimizer, scheduler)
         step = int(ckpt["step"])
+        truncate_jsonl(out / "stats.jsonl", "step", step)
         print(f"resumed from {latest} at step {step}/{total}")
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 

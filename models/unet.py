@@ -112,6 +112,20 @@ class DecoderBlock(nn.Module):
         return self.conv1(x)
 
 
+def sinusoidal_table(timesteps: int, dim: int) -> torch.Tensor:
+    """Transformer-style sin/cos rows, one per timestep: a smooth start for upstream's learned ``nn.Embedding``.
+
+    Upstream initialises the table at random, so every timestep's row is learned alone from the few hundred
+    batches that draw it; smooth rows let neighbouring timesteps share what the network learns from the start.
+    """
+    if dim % 2:
+        raise ValueError(f"time_embedding_dim must be even for a sinusoidal table, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10_000.0)) * torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.arange(timesteps, dtype=torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
 def stage_channels(base_dim: int, dim_mults: Sequence[int]) -> list[tuple[int, int]]:
     dims = [base_dim] + [base_dim * m for m in dim_mults]
     return list(zip(dims[:-1], dims[1:]))

@@ -329,3 +329,21 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch, capsys, files, 
     monkeypatch.setattr(torch, "save", real_save)
     extract_reference_features(opts)
     assert load_pt(out)["features"].shape[0] == 16 and not shards.exists()
+
+
+# ---------------------------------------------------------------- usage errors, every script
+
+SCRIPTS = ("train_ddpm.py", "generate_training_data.py", "train_direct_decoder.py", "test_direct_decoder.py",
+           "extract_reference_features.py", "attribution_generation.py", "run_pipeline.py", "verify_models.py",
+           "train_classifier.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_usage_errors_are_one_line_exit_1(script, monkeypatch, capsys, tmp_path):
+    """A mistyped flag is bad input (exit 1), not a missing model (exit 2, which argparse would use)."""
+    monkeypatch.chdir(tmp_path)
+    for args, needle in ((["--no_such_flag", "1"], "--no_such_flag"), (["--cpu", "--cpu=3"], "--cpu")):
+        code, out, err = run_main_in_process(REPO / script, args, monkeypatch, capsys)
+        _assert_refused(code, err, 1, (needle, "--help"))
+        assert len(err.strip().splitlines()) == 1 and not out
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ from helpers import kill_when, load_pt, one_error_line, start_logged, use_cached
 from models.checkpoint import load_teacher
 from models.features import FeatureOptions, extract_reference_features, psnr
 from models.io import MissingInputError, run_cli, sha256_file
-from models.samplers import ddim_invert
+from models.samplers import ddim_invert, ddim_timesteps
 from models.student import load_student
 
 N = 120  # --limit of the tiny feature run (conftest TINY_FEATURE_ARGS)
@@ -68,7 +68,11 @@ def test_file_layout(ref, student, tiny_teacher_ckpt, tiny_student, mnist5k, tin
     assert meta["student_sha256"] == sha256_file(tiny_student)
     assert "ddim_inversion" in meta["method"]
     assert meta["inversion_steps"] == int(_arg(tiny_pipeline.feature_args, "--inversion_steps")) == 3
-    assert meta["spacing"] in ("leading", "trailing")
+    # the inversion ends where the student's noise lives: the first step of the grid that made its training pairs
+    pairs = student.checkpoint["training_data"]["metadata"]
+    start = ddim_timesteps(student.decoder.teacher_config.timesteps, pairs["steps"], pairs["spacing"])[0]
+    assert meta["inversion_timesteps"][-1] == meta["latent_timestep"] == start
+    assert meta["inversion_timesteps"][0] == 0 and len(meta["inversion_timesteps"]) == 3
     assert meta["bottleneck_shape"] == list(student.decoder.bottleneck_shape)
     assert meta["dtype"] == "float32"
     cons = meta["consistency"]
@@ -98,7 +102,7 @@ def test_latents_are_ddim_inversions_of_the_images(ref, teacher, student, mnist5
     x = mnist5k.images[rows]
     with torch.inference_mode():
         z = ddim_invert(teacher.diffusion.predict_noise, x, teacher.diffusion.alphas_cumprod,
-                        meta["inversion_steps"], spacing=meta["spacing"])
+                        meta["inversion_steps"], timesteps=meta["inversion_timesteps"])
         recon = student.decoder(z).float().clamp(-1, 1)
     torch.testing.assert_close(z, ref["latents"][rows], rtol=1e-4, atol=1e-4)
     # distinct images have distinct latents, so this pins row i to image i

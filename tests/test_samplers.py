@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from models.noise import per_sample_noise
-from models.samplers import ddim_invert, ddim_sample, ddim_timesteps, ddpm_reverse_step, ddpm_sample
+from models.samplers import (ddim_invert, ddim_sample, ddim_timesteps, ddpm_reverse_step, ddpm_sample,
+                            inversion_timesteps)
 from models.schedule import schedule_buffers
 
 REL = 1e-5
@@ -175,6 +176,26 @@ def test_ddim_eta0_is_deterministic(sched):
     # eta=0 ignores step_noise entirely.
     c = ddim_sample(dummy_eps, x, sched["alphas_cumprod"], 50, step_noise=lambda t: torch.randn_like(x))
     assert torch.equal(a, c)
+
+
+def test_inversion_timesteps_end_where_the_sampler_starts():
+    # leading K=25 starts at t=960: the inversion grid of the same length is that grid walked upwards
+    assert inversion_timesteps(960, 25) == list(reversed(ddim_timesteps(1000, 25, "leading")))
+    assert inversion_timesteps(960, 4) == [0, 320, 640, 960]
+    assert inversion_timesteps(999, 1) == [999]
+    with pytest.raises(ValueError):
+        inversion_timesteps(960, 0)
+
+
+def test_ddim_invert_explicit_grid_matches_the_spacing_it_mirrors(sched):
+    abar = sched["alphas_cumprod"]
+    x = make_x()
+    by_spacing = ddim_invert(dummy_eps, x, abar, 10, spacing="leading")
+    by_grid = ddim_invert(dummy_eps, x, abar, 10, timesteps=list(reversed(ddim_timesteps(len(abar), 10, "leading"))))
+    assert torch.equal(by_spacing, by_grid)
+    for bad in ([0, 5, 5], [3, 2], [0, len(abar)]):
+        with pytest.raises(ValueError, match="ascend"):
+            ddim_invert(dummy_eps, x, abar, 3, timesteps=bad)
 
 
 # ---------------------------------------------------------------- inversion round trip (dummy)

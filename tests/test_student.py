@@ -17,6 +17,7 @@ import models.evaluate
 from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, sha256,
                      start_logged, use_cached_mnist5k)
 from models.checkpoint import load_teacher
+from models.io import PipelineError
 from models.noise import per_sample_noise
 from models.student import DirectDecoder, load_student
 
@@ -66,6 +67,7 @@ def test_checkpoint_is_self_describing(tiny_student, tiny_teacher_ckpt, tiny_pai
         assert ckpt["kind"] == "direct_decoder"
         assert ckpt["model_args"]["teacher"] == teacher.config.to_dict()
         assert ckpt["model_args"]["input_timestep"] == teacher.config.timesteps - 1 == 49
+        assert ckpt["model_args"]["skips"] == "zero"  # the default: hooks steer the whole image
         assert ckpt["teacher"]["sha256"] == sha256(tiny_teacher_ckpt)
         assert ckpt["training_data"]["sha256"] == sha256(tiny_pairs)
         assert ckpt["epoch"] == int(name[11:14])
@@ -95,7 +97,7 @@ def test_checkpoint_is_self_describing(tiny_student, tiny_teacher_ckpt, tiny_pai
 
 def test_warm_start_copies_the_teachers_unet(tiny_teacher_ckpt):
     teacher = load_teacher(tiny_teacher_ckpt)
-    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config)
+    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, skips="keep")
     mine, theirs = student.unet.state_dict(), teacher.diffusion.model.state_dict()
     assert set(mine) == set(theirs)
     for key in theirs:
@@ -106,6 +108,32 @@ def test_warm_start_copies_the_teachers_unet(tiny_teacher_ckpt):
     t = torch.full((2,), teacher.config.timesteps - 1, dtype=torch.long)
     with torch.no_grad():
         assert torch.equal(student(z), teacher.diffusion.model(z, t))
+
+
+def test_zero_skips_make_the_output_a_function_of_the_bottleneck(upstream_teacher_model_weights):
+    """With skips="zero" two latents with the same bottleneck give the same image, so a hook there decides all of
+    the output; with the teacher's skips ("keep") the rest of the latent still shows through."""
+    teacher = upstream_teacher_model_weights
+    z1, z2 = per_sample_noise(1, range(2)), per_sample_noise(2, range(2))
+    for skips in ("zero", "keep"):
+        decoder = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, skips=skips).eval()
+        with torch.no_grad():
+            h2 = decoder.bottleneck(z2)
+            swapped, plain2 = decoder(z1, hook=lambda h: h2), decoder(z2)
+        if skips == "zero":
+            assert torch.equal(swapped, plain2)
+        else:
+            assert (swapped - plain2).abs().max() > 0.1
+    with pytest.raises(PipelineError, match="skips"):
+        DirectDecoder(teacher.config, skips="some")
+
+
+def test_checkpoints_without_skips_record_load_with_the_teachers_skips(tiny_student, tmp_path):
+    old = load_pt(tiny_student)
+    old["model_args"].pop("skips")  # as written before the option existed
+    torch.save(old, tmp_path / "old.pt")
+    assert load_student(tmp_path / "old.pt").decoder.skips == "keep"
+    assert load_student(tiny_student).decoder.skips == "zero"
 
 
 # ---------------------------------------------------------------- hooks
@@ -289,3 +317,21 @@ def test_evaluation_report(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
     assert report["speed"]["student_images_per_s"] > 0
     assert report["teacher"]["sha256"] == sha256(tiny_teacher_ckpt)
     assert "evaluation" in stdout
+
+
+def test_batchnorm_recalibration_gives_exact_statistics():
+    """The EMA model is evaluated and saved with BatchNorm statistics recomputed over training latents: the exact
+    mean and (unbiased) variance of each channel's input, whatever the running averages said before."""
+    from models.train_student import recalibrate_batchnorm
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3)).eval()
+    model[1].running_mean.fill_(5.0)  # stale statistics, as after fast-moving training
+    x = torch.randn(24, 1, 8, 8) * 2 + 1
+    recalibrate_batchnorm(model, x, batch_size=8)
+    with torch.no_grad():
+        act = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, act.mean((0, 2, 3)))
+    # cumulative average of the three batches' unbiased variances (equal batch sizes)
+    per_batch = torch.stack([act[i:i + 8].transpose(0, 1).flatten(1).var(1) for i in (0, 8, 16)]).mean(0)
+    torch.testing.assert_close(model[1].running_var, per_batch)
+    assert not model.training and model[1].momentum == 0.1

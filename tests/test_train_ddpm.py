@@ -18,13 +18,14 @@ from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_m
 from models.checkpoint import infer_teacher_config, load_teacher, strip_ema
 from models.diffusion import MNISTDiffusion, TeacherConfig
 from models.train_teacher import list_checkpoints
+from models.unet import sinusoidal_table
 
 CKPT_NAME = re.compile(r"^steps_\d{8}\.pt$")
 SCHEDULE_KEYS = ("betas", "alphas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
 ALL_OPTIONS = ("--dataset", "--download", "--output_dir", "--epochs", "--steps", "--batch_size", "--lr",
                "--model_base_dim", "--dim_mults", "--timesteps", "--model_ema_steps", "--model_ema_decay", "--seed",
                "--save_every", "--keep_last", "--n_samples", "--sample_steps", "--log_every", "--threads", "--cpu",
-               "--dry-run", "--resume")
+               "--dry-run", "--resume", "--init_from", "--time_embedding_init")
 
 
 @pytest.fixture
@@ -73,6 +74,8 @@ def test_resume_after_kill_is_bitwise_identical(killed_run, tiny_teacher_run, tm
     shutil.copytree(killed_run["dir"], work)
     for later in [p for p in list_checkpoints(work) if p.name != "steps_00000004.pt"]:
         later.unlink()  # resume from step 4 even if the kill landed after a later save
+    with open(work / "stats.jsonl", "a") as log:  # as if the kill had landed after logging step 6
+        log.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
     args = train_cli.teacher_args + ["--output_dir", str(work), "--resume"]
     proc = train_cli.run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,6 +85,10 @@ def test_resume_after_kill_is_bitwise_identical(killed_run, tiny_teacher_run, tm
     assert resumed["step"] == straight["step"] == 8
     for key in ("model", "model_ema", "optimizer", "scheduler"):
         assert_identical(resumed[key], straight[key], key)
+    # The log reads like the unbroken run's: records the killed run wrote after step 4 are dropped, not doubled.
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())]
+    assert losses(work) == losses(tiny_teacher_run["dir"])
     # Not vacuous: the weights moved between step 4 and step 8.
     four = load_pt(work / "steps_00000004.pt")
     assert not torch.equal(four["model"]["model.final_conv.weight"], resumed["model"]["model.final_conv.weight"])
@@ -197,3 +204,23 @@ def test_help_mentions_every_option(in_process):
     missing = [opt for opt in ALL_OPTIONS if opt not in stdout]
     assert not missing, f"--help does not mention {missing}"
 
+
+
+def test_sinusoidal_time_embedding_init(tmp_path, tiny_teacher_ckpt, train_cli, in_process):
+    """The table starts as sin/cos rows (smooth in t) and the checkpoint keeps upstream's format and loader."""
+    table = sinusoidal_table(50, 256)
+    assert table.shape == (50, 256) and torch.isfinite(table).all()
+    t = torch.arange(50)
+    assert torch.equal(table[:, 0], torch.sin(t.double()).float()) and torch.equal(table[:, 128], torch.cos(t.double()).float())
+    near = torch.nn.functional.cosine_similarity(table[1:], table[:-1]).min()
+    far = torch.nn.functional.cosine_similarity(table[:1], table[-1:]).item()
+    assert near > 0.95 and far < 0.6  # neighbouring timesteps start close, distant ones do not
+    out = tmp_path / "sin"
+    code, _, err = in_process(train_cli.tiny_args + ["--steps", "8", "--save_every", "8", "--lr", "1e-7",
+                                                     "--time_embedding_init", "sinusoidal", "--output_dir", out])
+    assert code == 0, err
+    loaded = load_teacher(out / "steps_00000008.pt")
+    learned = loaded.diffusion.model.time_embedding.weight.detach()
+    assert (learned - table).abs().max() < 1e-4  # 8 steps at lr 1e-7 move it by ~1e-6
+    assert (load_teacher(tiny_teacher_ckpt).diffusion.model.time_embedding.weight - table).abs().max() > 0.5
+    assert load_pt(out / "steps_00000008.pt")["config"]["options"]["time_embedding_init"] == "sinusoidal"
