@@ -9,7 +9,8 @@ from models.io import run_cli
 def main():
     d = FeatureOptions()
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint (used for DDIM inversion)")
+    p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt,
+                   help="teacher checkpoint (warm-starts the image encoder; runs the DDIM inversion)")
     p.add_argument("--decoder_ckpt", default=d.decoder_ckpt, help="direct-decoder checkpoint")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per batch")
     p.add_argument("--output_path", default=d.output_path, help="output file (features, labels, indices, latents)")
@@ -17,11 +18,21 @@ def main():
                    help="training images; default: the teacher's data source (mnist for upstream checkpoints)")
     p.add_argument("--split", choices=["train", "test"], default=d.split, help="dataset split")
     p.add_argument("--limit", type=int, default=d.limit, help="use only the first N images (0: all)")
+    p.add_argument("--method", choices=["auto", "image_encoder", "ddim_inversion"], default=d.method,
+                   help="image_encoder: an encoder trained on the student's own (image, bottleneck) pairs, then one "
+                        "pass per image; ddim_inversion: the teacher's DDIM latent, bottleneck read there; auto: "
+                        "image_encoder for students trained with --skips zero, else ddim_inversion")
+    p.add_argument("--encoder_steps", type=int, default=d.encoder_steps, help="image-encoder training steps")
+    p.add_argument("--encoder_batch_size", type=int, default=d.encoder_batch_size,
+                   help="student generations per image-encoder step")
+    p.add_argument("--encoder_lr", type=float, default=d.encoder_lr, help="image-encoder peak learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the image encoder's training latents")
     p.add_argument("--inversion_steps", type=int, default=d.inversion_steps,
                    help="DDIM inversion steps, evenly spaced from t = 0 up to the first timestep of the sampler "
                         "that made the student's training pairs (read from the student checkpoint)")
     p.add_argument("--fp16", action="store_true", help="store features as float16 (half the file size)")
-    p.add_argument("--no_latents", dest="store_latents", action="store_false", help="do not store the latents")
+    p.add_argument("--no_latents", dest="store_latents", action="store_false",
+                   help="do not store the latents (ddim_inversion; the image encoder has none)")
     p.add_argument("--consistency_samples", type=int, default=d.consistency_samples,
                    help="generated samples used to measure that extraction recovers the student's own features")
     p.add_argument("--shard_size", type=int, default=d.shard_size, help="images per resumable shard; 0: 10 batches")

@@ -17,6 +17,7 @@ from .attribution import Steering
 from .checkpoint import load_teacher
 from .features import check_feature_pairing, load_reference_features
 from .hooks import Hook
+from .image_encoder import load_image_encoder
 from .io import PipelineError, pick_device
 from .noise import per_sample_noise
 from .sampling import DEFAULT_DDIM_STEPS, teacher_sample
@@ -37,6 +38,7 @@ class DirectDecoderPipeline:
     def __init__(self, teacher, student, reference: Optional[dict], device):
         self.teacher, self.student, self.reference, self.device = teacher, student, reference, device
         self.steering = Steering(student.decoder, reference, device) if reference is not None else None
+        self._encoder = None
 
     @classmethod
     def load(cls, teacher_path: str, decoder_path: str, features_path: Optional[str] = None,
@@ -77,6 +79,20 @@ class DirectDecoderPipeline:
         if self.steering is not None:
             result.top_k_scores, result.top_k_indices, result.top_k_labels = self.steering.attribute(feats, top_k)
         return result
+
+    @torch.inference_mode()
+    def attribute_images(self, images: torch.Tensor, top_k: int = 5):
+        """Training images nearest to any images of yours (e.g. the teacher's), through the image encoder stored in
+        the reference features: (features, top-k scores, indices, labels)."""
+        steering = self._need_reference()
+        record = self.reference.get("image_encoder")
+        if record is None:
+            raise PipelineError("these reference features were extracted by DDIM inversion and carry no image "
+                                "encoder; re-extract with --method image_encoder")
+        if self._encoder is None:
+            self._encoder = load_image_encoder(record, self.device)
+        feats = self._encoder(images.to(self.device).float())
+        return (feats, *steering.attribute(feats, top_k))
 
     def teacher_images(self, noise: torch.Tensor, steps: int = DEFAULT_DDIM_STEPS) -> torch.Tensor:
         """The teacher's DDIM image for the same noise, to compare with the student."""

@@ -1,9 +1,13 @@
-"""Reference features: for each training image, the student's bottleneck at the latent that produces it.
+"""Reference features: for each training image, the bottleneck the student computes when it generates that image.
 
 The original encoded training images by running the frozen encoder on the *image*, while generations' features
-came from running it on *noise*: two different distributions. Here every training image is first mapped to its
-latent by DDIM inversion with the teacher (the student was trained to reproduce the teacher's DDIM map), and the
-student's bottleneck is read there, so "similar to training image i" compares like with like.
+came from running it on *noise*: two different distributions. Here both sides live in the student's bottleneck
+as it generates. Two ways to get there, each measured on the student's own generations (consistency (a)):
+
+- ``image_encoder`` (default for zero-skip students): an encoder trained to return, for every image the student
+  generates from z, the student's bottleneck at z (models/image_encoder.py); one pass per image.
+- ``ddim_inversion``: the image's latent by DDIM inversion with the teacher, ending at the timestep where the
+  student's noise lives, and the student's bottleneck read there.
 """
 from __future__ import annotations
 
@@ -23,11 +27,13 @@ from .data import SOURCES, load_dataset
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file, load_checkpoint, pick_device,
                  software_versions)
 from .noise import per_sample_noise
+from .image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
 from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
 from .shards import ShardedJob
 from .student import check_pairing, load_student
 
 DEFAULT_INVERSION_STEPS = 10
+METHODS = ("auto", "image_encoder", "ddim_inversion")
 FEATURES_FIX = "create them with `python extract_reference_features.py --ddpm_ckpt T --decoder_ckpt S`"
 
 
@@ -40,7 +46,12 @@ class FeatureOptions:
     dataset: Optional[str] = None   # None: the teacher's own data source (mnist for upstream checkpoints)
     split: str = "train"
     limit: int = 0                  # 0: every image
+    method: str = "auto"            # image_encoder for zero-skip students, else ddim_inversion
     inversion_steps: int = DEFAULT_INVERSION_STEPS
+    encoder_steps: int = EncoderTrainOptions.steps
+    encoder_batch_size: int = EncoderTrainOptions.batch_size
+    encoder_lr: float = EncoderTrainOptions.lr
+    seed: int = 0
     fp16: bool = False
     store_latents: bool = True
     consistency_samples: int = 256
@@ -67,6 +78,9 @@ def _validate(opts: FeatureOptions) -> None:
         raise PipelineError(f"--inversion_steps must be positive, got {opts.inversion_steps}")
     if opts.limit < 0 or opts.consistency_samples < 0:
         raise PipelineError("--limit and --consistency_samples must be >= 0")
+    if opts.method not in METHODS:
+        raise PipelineError(f"--method must be one of {METHODS}, got {opts.method!r}")
+    EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr).validate()
     if opts.dataset is not None and opts.dataset not in SOURCES:
         raise PipelineError(f"--dataset must be one of {SOURCES}, got {opts.dataset!r}")
     check_output_file(opts.output_path, "--output_path")
@@ -84,6 +98,51 @@ def latent_timestep(student_checkpoint: dict, timesteps: int) -> int:
     return timesteps - 1
 
 
+class DdimInversionExtractor:
+    """Latent by DDIM inversion with the teacher (up to where the student's noise lives), feature read there."""
+    name = "ddim_inversion"
+    has_latents = True
+
+    def __init__(self, teacher, decoder, grid: list[int]):
+        self.eps_fn, self.acp, self.decoder, self.grid = teacher.diffusion.predict_noise, \
+            teacher.diffusion.alphas_cumprod, decoder, grid
+
+    def describe(self) -> str:
+        return f"DDIM inversion in {len(self.grid)} steps up to t = {self.grid[-1]}, where the student's noise lives"
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor):
+        z = ddim_invert(self.eps_fn, x, self.acp, len(self.grid), timesteps=self.grid)
+        recon, h, _ = self.decoder.generate(z)
+        return h, recon, z
+
+
+class ImageEncoderExtractor:
+    """The learned image encoder (models/image_encoder.py): the student's bottleneck for an image in one pass."""
+    name = "image_encoder"
+    has_latents = False
+
+    def __init__(self, encoder, decoder):
+        self.encoder, self.decoder = encoder, decoder
+
+    def describe(self) -> str:
+        return "the image encoder trained on the student's own (image, bottleneck) pairs"
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor):
+        h = self.encoder(x)
+        return h, self.decoder.decode(h), None
+
+
+def resolve_method(method: str, skips: str) -> str:
+    if method == "auto":
+        return "image_encoder" if skips == "zero" else "ddim_inversion"
+    if method == "image_encoder" and skips != "zero":
+        raise PipelineError("--method image_encoder needs a student trained with --skips zero (its images must "
+                            "depend on the bottleneck alone); use --method ddim_inversion for this student")
+    return method
+
+
 def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> dict:
     _validate(opts)
     device = pick_device(opts.cpu)
@@ -92,88 +151,107 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     student = load_student(opts.decoder_ckpt, device)
     check_pairing(student, teacher.sha256, opts.ddpm_ckpt)
     load_s = time.perf_counter() - start
+    decoder = student.decoder
+    method = resolve_method(opts.method, decoder.skips)
     source = opts.dataset or teacher.checkpoint.get("data_source") or "mnist"
     grid = inversion_timesteps(latent_timestep(student.checkpoint, teacher.config.timesteps), opts.inversion_steps)
+    encoder_opts = EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr, opts.seed)
     out_path = Path(opts.output_path)
     data = load_dataset(source, opts.split, download=opts.download)
     n = min(len(data), opts.limit) if opts.limit else len(data)
+    method_identity = {"inversion_steps": opts.inversion_steps, "inversion_timesteps": grid} \
+        if method == "ddim_inversion" else {"image_encoder": asdict(encoder_opts)}
     identity = {"teacher_sha256": teacher.sha256, "student_sha256": student.sha256, "dataset": source,
-                "split": opts.split, "n": n, "method": "ddim_inversion", "inversion_steps": opts.inversion_steps,
-                "inversion_timesteps": grid, "fp16": opts.fp16, "store_latents": opts.store_latents, "device": device.type}
+                "split": opts.split, "n": n, "method": method, **method_identity, "fp16": opts.fp16,
+                "store_latents": opts.store_latents and method == "ddim_inversion", "device": device.type}
     resolved = {"options": asdict(opts), "identity": identity, "device": str(device), "load_s": round(load_s, 3),
-                "bottleneck_shape": list(student.decoder.bottleneck_shape)}
+                "bottleneck_shape": list(decoder.bottleneck_shape)}
     if dry_run:
         print(json.dumps(resolved, indent=2))
         return resolved
-    print(f"teacher + student loaded to {device} in {load_s:.2f}s; {n} {source}/{opts.split} images, "
-          f"DDIM inversion in {len(grid)} steps up to t = {grid[-1]}, where the student's noise lives")
+    print(f"teacher + student loaded to {device} in {load_s:.2f}s; {n} {source}/{opts.split} images")
     job = ShardedJob(out_path.with_name(out_path.name + ".shards"), identity, n,
                      opts.shard_size or 10 * opts.batch_size)
-    eps_fn = teacher.diffusion.predict_noise
-    acp = teacher.diffusion.alphas_cumprod
-    decoder = student.decoder
+    encoder_s, encoder_losses = 0.0, []
+    if method == "image_encoder":
+        encoder_start = time.perf_counter()
+        encoder, encoder_losses = train_image_encoder(decoder, teacher.diffusion.model, teacher.config,
+                                                      encoder_opts, job.dir, device)
+        print(f"image encoder: training MSE to the student's bottleneck {encoder_losses[0]:.4f} -> "
+              f"{encoder_losses[-1]:.4f} over {len(encoder_losses)} steps")
+        encoder_s = time.perf_counter() - encoder_start
+        extractor = ImageEncoderExtractor(encoder, decoder)
+    else:
+        extractor = DdimInversionExtractor(teacher, decoder, grid)
+    print(f"features: {extractor.describe()}")
     work_start = time.perf_counter()
     bar = tqdm(total=n, initial=job.n_done, desc="features", unit="img", dynamic_ncols=True)
     for lo, hi in job.pending():
         parts: dict[str, list] = {"features": [], "latents": [], "psnr": []}
         for b in range(lo, hi, opts.batch_size):
             x = data.images[b:min(b + opts.batch_size, hi)].to(device)
-            with torch.inference_mode():
-                z = ddim_invert(eps_fn, x, acp, len(grid), timesteps=grid)
-                recon, h, _ = decoder.generate(z)
+            h, recon, z = extractor(x)
             parts["features"].append((h.half() if opts.fp16 else h.float()).cpu())
-            parts["latents"].append(z.float().cpu())
+            if z is not None:
+                parts["latents"].append(z.float().cpu())
             parts["psnr"].append(psnr(recon.float().clamp(-1, 1), x).cpu())
             bar.update(x.shape[0])
-        job.save((lo, hi), {k: torch.cat(v) for k, v in parts.items()})
+        job.save((lo, hi), {k: torch.cat(v) for k, v in parts.items() if v})
     bar.close()
     work_s = time.perf_counter() - work_start
-    keys = ["features", "psnr"] + (["latents"] if opts.store_latents else [])
+    keys = ["features", "psnr"] + (["latents"] if identity["store_latents"] else [])
     assembled = job.assemble(keys)
-    consistency = measure_consistency(decoder, eps_fn, acp, grid,
-                                      opts.consistency_samples, opts.batch_size, device)
+    consistency = measure_consistency(decoder, extractor, opts.consistency_samples, opts.batch_size, device)
     recon_psnr = assembled.pop("psnr")
-    metadata = {"dataset": source, "split": opts.split, "n": n, "method": "ddim_inversion (teacher, eta=0) -> "
-                "student bottleneck", "inversion_steps": opts.inversion_steps,
-                "inversion_timesteps": grid, "latent_timestep": grid[-1], "teacher_path": teacher.path, "teacher_sha256": teacher.sha256,
+    metadata = {"dataset": source, "split": opts.split, "n": n, "method": method,
+                "method_description": extractor.describe(), **method_identity,
+                "latent_timestep": grid[-1], "teacher_path": teacher.path, "teacher_sha256": teacher.sha256,
                 "student_path": student.path, "student_sha256": student.sha256,
                 "bottleneck_shape": list(decoder.bottleneck_shape), "dtype": "float16" if opts.fp16 else "float32",
                 "consistency": consistency | {"reconstruction_psnr_db_mean": recon_psnr.mean().item(),
                                               "reconstruction_psnr_db_median": recon_psnr.median().item()},
-                "extraction_wall_s": round(work_s, 2), "identity": identity, "versions": software_versions()}
+                "encoder_training_wall_s": round(encoder_s, 2),
+                "encoder_training_loss_first_last": encoder_losses[:1] + encoder_losses[-1:], "extraction_wall_s": round(work_s, 2),
+                "identity": identity, "versions": software_versions()}
     result = {"kind": "reference_features", "features": assembled["features"], "labels": data.labels[:n].clone(),
               "indices": data.indices[:n].clone(), "reconstruction_psnr_db": recon_psnr, "metadata": metadata}
-    if opts.store_latents:
+    if "latents" in assembled:
         result["latents"] = assembled["latents"]
+    if method == "image_encoder":
+        result["image_encoder"] = encoder_record(extractor.encoder, encoder_opts)
     atomic_save(result, out_path)
     check = load_checkpoint(out_path, "cpu", what="reference features")
     if not torch.equal(check["features"], result["features"]):
         raise PipelineError(f"{out_path} did not verify after writing; shards kept, rerun to retry")
     job.cleanup()
     wall = time.perf_counter() - start
-    print(f"extract_reference_features: {n} features {tuple(result['features'].shape[1:])} -> {out_path} "
-          f"({out_path.stat().st_size / 2**20:.1f} MiB) in {wall:.1f}s ({n / max(work_s, 1e-9):.0f} img/s); "
-          f"consistency cosine {consistency['generated_bottleneck_cosine_mean']:.3f}, "
-          f"reconstruction PSNR {recon_psnr.mean().item():.1f} dB")
+    print(f"extract_reference_features: {n} features {tuple(result['features'].shape[1:])} by {method} -> "
+          f"{out_path} ({out_path.stat().st_size / 2**20:.1f} MiB) in {wall:.1f}s ({n / max(work_s, 1e-9):.0f} img/s"
+          f"{f', encoder training {encoder_s:.0f}s' if encoder_s else ''}); consistency cosine "
+          f"{consistency['generated_bottleneck_cosine_mean']:.3f}, reconstruction PSNR {recon_psnr.mean().item():.1f} dB")
     return {"path": str(out_path), "n": n, "wall_s": wall, "extraction_s": work_s, "metadata": metadata}
 
 
 @torch.inference_mode()
-def measure_consistency(decoder, eps_fn, alphas_cumprod, grid: list[int], n: int, batch_size: int,
-                        device) -> dict:
-    """(a) For images the student generates from z, does extraction recover the student's bottleneck at z?"""
+def measure_consistency(decoder, extractor, n: int, batch_size: int, device) -> dict:
+    """(a) For images the student generates from z, does extraction recover the student's bottleneck at z?
+    Drawn from a latent stream (seed 2024) that neither the pairs nor the encoder's training used."""
     if n == 0:
         return {"generated_bottleneck_cosine_mean": math.nan, "n_generated": 0}
     cos, latent_cos = [], []
     for b in range(0, n, batch_size):
         z = per_sample_noise(2024, range(b, min(b + batch_size, n)), device=device)
         images, h, _ = decoder.generate(z)
-        z_back = ddim_invert(eps_fn, images.float().clamp(-1, 1), alphas_cumprod, len(grid), timesteps=grid)
-        cos.append(flat_cosine(h, decoder.bottleneck(z_back)).cpu())
-        latent_cos.append(flat_cosine(z, z_back).cpu())
-    cos, latent_cos = torch.cat(cos), torch.cat(latent_cos)
-    return {"generated_bottleneck_cosine_mean": cos.mean().item(), "generated_bottleneck_cosine_min": cos.min().item(),
-            "generated_latent_cosine_mean": latent_cos.mean().item(), "n_generated": n}
+        h_back, _, z_back = extractor(images.float().clamp(-1, 1))
+        cos.append(flat_cosine(h, h_back).cpu())
+        if z_back is not None:
+            latent_cos.append(flat_cosine(z, z_back).cpu())
+    cos = torch.cat(cos)
+    report = {"generated_bottleneck_cosine_mean": cos.mean().item(),
+              "generated_bottleneck_cosine_min": cos.min().item(), "n_generated": n}
+    if latent_cos:
+        report["generated_latent_cosine_mean"] = torch.cat(latent_cos).mean().item()
+    return report
 
 
 def load_reference_features(path: str | Path, device="cpu") -> dict:

@@ -23,11 +23,11 @@ PRESETS = {
     # Sized for a 2-core CPU in under 10 minutes with the shipped teacher (measured in README).
     "demo": {"n_pairs": 1000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 250, "epochs": 10, "train_batch": 64,
              "lr": 1e-3,
-             "inversion_steps": 10, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
+             "encoder_steps": 300, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # The 60k-scale run for a GPU.
     "full": {"n_pairs": 60000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 1000, "epochs": 50, "train_batch": 128,
              "lr": 1e-4,
-             "inversion_steps": 50, "feature_batch": 1000, "n_attr": 36, "n_eval": 1000},
+             "encoder_steps": 3000, "feature_batch": 1000, "n_attr": 36, "n_eval": 1000},
 }
 
 
@@ -42,7 +42,7 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
                                 lr=p["lr"], classifier=classifier, cpu=cpu)
     feats = FeatureOptions(ddpm_ckpt=teacher, decoder_ckpt=str(out / "student" / "best_model.pt"),
                            batch_size=p["feature_batch"], output_path=str(out / "reference_features.pt"),
-                           inversion_steps=p["inversion_steps"], cpu=cpu)
+                           encoder_steps=p["encoder_steps"], cpu=cpu)
     attr = AttributionOptions(ddpm_ckpt=teacher, decoder_ckpt=feats.decoder_ckpt, ref_features_path=feats.output_path,
                               n_samples=p["n_attr"], output_dir=str(out / "attribution"), n_eval=p["n_eval"],
                               classifier=classifier, cpu=cpu)

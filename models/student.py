@@ -60,6 +60,19 @@ class DirectDecoder(nn.Module):
     def forward(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None) -> torch.Tensor:
         return self.generate(z, hook)[0]
 
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """The image for bottleneck features ``h`` alone (zero-skip students: the image depends on nothing else)."""
+        if self.skips != "zero":
+            raise PipelineError("decoding from the bottleneck alone needs a student trained with --skips zero")
+        n, side = h.shape[0], self.teacher_config.image_size
+        t = torch.full((n,), self.input_timestep, device=h.device, dtype=torch.long)
+        zero_skips = []
+        for block in self.unet.encoder_blocks:  # shapes of the shortcuts encode() would have returned
+            channels = block.time_mlp.mlp[-1].out_features
+            zero_skips.append(h.new_zeros(n, channels, side, side))
+            side //= 2
+        return self.unet.decode(h, zero_skips, self.unet.time_embedding(t))
+
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         """The features hooks act on (before any hook), e.g. to build reference features."""
         return self.unet.encode(z, self._timestep(z))[0]

@@ -21,6 +21,7 @@ from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_json
 from .plots import plot_metric_curves
 from .sampling import autocast_for, configure_precision
 from .student import SKIP_MODES, DirectDecoder
+from .unet import recalibrate_batchnorm
 
 EPOCH_RE = re.compile(r"ckpt_epoch_(\d{3,})\.pt$")
 LOSSES = ("mse", "huber")
@@ -57,30 +58,6 @@ def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
         d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
         return d * avg + (1.0 - d) * new
     return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
-    """Recomputes BatchNorm running statistics as exact averages over ``inputs`` (deterministic, in place).
-
-    The statistics a model carries lag its weights, and the EMA's averaged statistics do not belong to its
-    averaged weights; where a channel is constant (the zeroed skips' halves) the variance is ~0 and any lag is
-    amplified ~300x in eval mode. Evaluating and saving with recalibrated statistics removes both errors.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms or inputs.shape[0] == 0:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    was_training = model.training
-    model.train()
-    for start in range(0, inputs.shape[0], batch_size):
-        model(inputs[start:start + batch_size])
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
 
 
 def list_epoch_checkpoints(out: Path) -> list[Path]:

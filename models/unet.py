@@ -169,3 +169,27 @@ class Unet(nn.Module):
         if bottleneck_hook is not None:
             h = bottleneck_hook(h)
         return self.decode(h, shortcuts, t_emb)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
+    """Recomputes BatchNorm running statistics as exact averages over ``inputs`` (deterministic, in place).
+
+    The statistics a model carries lag its weights, and the EMA's averaged statistics do not belong to its
+    averaged weights; where a channel is constant (the zeroed skips' halves) the variance is ~0 and any lag is
+    amplified ~300x in eval mode. Evaluating and saving with recalibrated statistics removes both errors.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or inputs.shape[0] == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for start in range(0, inputs.shape[0], batch_size):
+        model(inputs[start:start + batch_size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)

@@ -131,8 +131,8 @@ def script():
 # Tiny downstream artefacts built from the tiny teacher (T=50): pairs -> student -> reference features.
 TINY_PAIRS_ARGS = ["--n_samples", "40", "--batch_size", "8", "--steps", "5", "--cpu"]
 TINY_STUDENT_ARGS = ["--epochs", "2", "--batch_size", "8", "--lr", "1e-3", "--cpu", "--no_evaluate"]
-TINY_FEATURE_ARGS = ["--dataset", "mnist5k", "--limit", "120", "--inversion_steps", "3", "--batch_size", "40",
-                     "--consistency_samples", "8", "--cpu"]
+TINY_FEATURE_ARGS = ["--dataset", "mnist5k", "--limit", "120", "--encoder_steps", "6", "--encoder_batch_size", "8",
+                     "--batch_size", "40", "--consistency_samples", "8", "--cpu"]
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,8 @@ EXTRACT_CASES = {
     "student-of-other-teacher": ({"--ddpm_ckpt": "upstream"}, [], 1, ("distilled from teacher", "matching teacher")),
     "batch-size-0": ({}, ["--batch_size", "0"], 1, ("--batch_size",)),
     "inversion-steps-0": ({}, ["--inversion_steps", "0"], 1, ("--inversion_steps",)),
+    "encoder-steps-0": ({}, ["--encoder_steps", "0"], 1, ("--encoder_steps",)),
+    "encoder-lr-nan": ({}, ["--encoder_lr", "nan"], 1, ("--encoder_lr",)),
     "negative-limit": ({}, ["--limit", "-1"], 1, ("--limit",)),
 }
 
@@ -127,7 +129,8 @@ def test_extract_refuses(case, files, cli, tmp_path):
     out = tmp_path / "out" / "reference_features.pt"
     code, _, err = cli("extract_reference_features.py", *[x for kv in paths.items() for x in kv],
                        "--output_path", out, "--dataset", "mnist5k", "--limit", "8", "--batch_size", "8",
-                       "--inversion_steps", "1", "--consistency_samples", "0", "--cpu", *extra)
+                       "--encoder_steps", "2", "--encoder_batch_size", "4", "--consistency_samples", "0", "--cpu",
+                       *extra)
     _assert_refused(code, err, expected, needles)
     assert not out.exists() and not out.with_name(out.name + ".shards").exists()
     assert not (tmp_path / "out").exists() or _tree(tmp_path / "out") == []
@@ -143,7 +146,8 @@ def test_extract_refuses_bad_output_path(where, files, cli, tmp_path):
         out = files["a_file"] / "reference_features.pt"
     code, _, err = cli("extract_reference_features.py", "--ddpm_ckpt", files["teacher"], "--decoder_ckpt",
                        files["student"], "--output_path", out, "--dataset", "mnist5k", "--limit", "8",
-                       "--batch_size", "8", "--inversion_steps", "1", "--consistency_samples", "0", "--cpu")
+                       "--batch_size", "8", "--encoder_steps", "2", "--encoder_batch_size", "4",
+                       "--consistency_samples", "0", "--cpu")
     _assert_refused(code, err, 1, (str(out),))
     if where == "directory":
         assert _tree(out) == []
@@ -314,13 +318,14 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch, capsys, files, 
         return real_save(obj, f, *args, **kwargs)
     out = tmp_path / "reference_features.pt"
     opts = FeatureOptions(ddpm_ckpt=str(files["teacher"]), decoder_ckpt=str(files["student"]), output_path=str(out),
-                          dataset="mnist5k", limit=16, batch_size=8, inversion_steps=1, consistency_samples=0,
-                          cpu=True)
+                          dataset="mnist5k", limit=16, batch_size=8, encoder_steps=2, encoder_batch_size=4,
+                          consistency_samples=0, cpu=True)
     monkeypatch.setattr(torch, "save", save)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: extract_reference_features(opts))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("features")]
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and not line.startswith(("features", "image encoder"))]  # progress bars
     assert exit_info.value.code == 1
     assert len(err) == 1 and err[0].startswith("error: could not write") and "No space left on device" in err[0]
     shards = out.with_name(out.name + ".shards")

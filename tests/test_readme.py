@@ -23,4 +23,6 @@ def test_readme_api_example_runs(tiny_pipeline, capsys):
     assert scope["threes"].top_k_indices.shape == (8, 5)
     assert scope["mixed"].features.shape[1:] == scope["pipe"].student.decoder.bottleneck_shape
     assert scope["teacher_view"].shape == (8, 1, 28, 28)
+    assert scope["indices"].shape == (8, 5) and scope["feats"].shape == scope["base"].features.shape
+    assert (scope["scores"][:, :-1] >= scope["scores"][:, 1:]).all()  # ranked, best first
     assert capsys.readouterr().out.strip(), "the example prints its attributions"

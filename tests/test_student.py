@@ -322,7 +322,7 @@ def test_evaluation_report(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
 def test_batchnorm_recalibration_gives_exact_statistics():
     """The EMA model is evaluated and saved with BatchNorm statistics recomputed over training latents: the exact
     mean and (unbiased) variance of each channel's input, whatever the running averages said before."""
-    from models.train_student import recalibrate_batchnorm
+    from models.unet import recalibrate_batchnorm
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3)).eval()
     model[1].running_mean.fill_(5.0)  # stale statistics, as after fast-moving training

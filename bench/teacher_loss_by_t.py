@@ -1,0 +1,52 @@
+"""Held-out epsilon-prediction MSE of teacher checkpoints, per band of timesteps: where a teacher is still weak.
+
+    python bench/teacher_loss_by_t.py runs/a/steps_00001200.pt runs/b/steps_00001200.pt
+
+The same 512 mnist5k images, noise and timesteps for every checkpoint (EMA weights, eval mode), so rows compare.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.checkpoint import load_teacher  # noqa: E402
+from models.cli import ArgumentParser  # noqa: E402
+from models.data import load_dataset  # noqa: E402
+from models.io import append_jsonl, machine_description  # noqa: E402
+
+BANDS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 850), (850, 950), (950, 1000)]
+
+
+@torch.inference_mode()
+def loss_by_band(diffusion, images: torch.Tensor, seed: int = 123) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for lo, hi in BANDS:
+        t = torch.randint(lo, min(hi, diffusion.timesteps), (images.shape[0],), generator=gen)
+        noise = torch.randn(images.shape, generator=gen)
+        out.append(torch.nn.functional.mse_loss(diffusion(images, noise, t), noise).item())
+    return out
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("checkpoints", nargs="+", help="teacher checkpoints")
+    p.add_argument("--n", type=int, default=512, help="held-out images (a fixed random subset of mnist5k)")
+    p.add_argument("--record", default="bench/results/teacher_loss_by_t.jsonl", help="append results here")
+    a = p.parse_args()
+    data = load_dataset("mnist5k", "train")
+    images = data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:a.n]]
+    print("checkpoint".ljust(48) + "".join(f"{lo}-{hi}".rjust(10) for lo, hi in BANDS))
+    for path in a.checkpoints:
+        teacher = load_teacher(path, "cpu")
+        losses = loss_by_band(teacher.diffusion.eval(), images)
+        append_jsonl({"checkpoint": path, "sha256": teacher.sha256, "step": teacher.checkpoint.get("step"),
+                      "bands": BANDS, "eps_mse": losses, "n": a.n, "machine": machine_description(),
+                      "command": "python " + " ".join(sys.argv)}, a.record)
+        print(path[-48:].ljust(48) + "".join(f"{v:10.4f}" for v in losses))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Image -> the student's bottleneck for it: the reference-feature extractor learned from the student itself.
+
+DDIM inversion looks for an image's latent through the teacher, but the teacher's map from latent to image is
+close to many-to-one: even on its own images, 10-50-step inversion recovers the latent with a cosine of only
+0.5-0.7 (BENCHMARKS.md), so features read at an inverted latent drift away from the ones the student computed.
+The image encoder is trained on exactly the question reference features must answer: for every image the student
+generates from z, return the student's bottleneck at z. Training needs no data (z is drawn fresh every step, and
+the student labels it), and extraction is then one encoder pass per image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .diffusion import TeacherConfig
+from .io import PipelineError, atomic_save, load_checkpoint
+from .noise import per_sample_noise
+from .train_student import warmup_cosine
+from .unet import Unet, recalibrate_batchnorm
+
+ENCODER_KEYS = ("init_conv.", "time_embedding.", "encoder_blocks.", "mid_block.")
+NOISE_STREAM = 11  # the encoder's training latents: apart from the pairs' (0) and the consistency check's (2024)
+
+
+class ImageEncoder(torch.nn.Module):
+    """The UNet's encoder reading a clean image (t = 0), warm-started from the teacher, whose encoder at t = 0
+    already describes clean digits."""
+
+    def __init__(self, config: TeacherConfig):
+        super().__init__()
+        self.config = config
+        self.unet = Unet(config.timesteps, config.time_embedding_dim, config.in_channels, config.in_channels,
+                         config.base_dim, list(config.dim_mults))
+        del self.unet.decoder_blocks, self.unet.final_conv  # encode() needs none of the decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
+        return self.unet.encode(x, t)[0]
+
+    @classmethod
+    def from_teacher(cls, teacher_unet: Unet, config: TeacherConfig) -> "ImageEncoder":
+        encoder = cls(config)
+        state = {k: v for k, v in teacher_unet.state_dict().items() if k.startswith(ENCODER_KEYS)}
+        encoder.unet.load_state_dict(state, strict=True)
+        return encoder
+
+
+@dataclass
+class EncoderTrainOptions:
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    save_every: int = 100
+    bn_samples: int = 1024
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "save_every"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"--encoder_{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PipelineError(f"--encoder_lr must be a positive number, got {self.lr}")
+
+
+def _student_batch(decoder, seed: int, indices, device):
+    z = per_sample_noise(seed, indices, stream=NOISE_STREAM, device=device)
+    with torch.inference_mode():
+        images, h, _ = decoder.generate(z)
+    return images.float().clamp(-1, 1).clone(), h.float().clone()
+
+
+def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts: EncoderTrainOptions,
+                        state_dir: Path, device) -> tuple[ImageEncoder, list[float]]:
+    """Fits the encoder to the student's (image, bottleneck) pairs. Resumable bit-exactly from ``state_dir``
+    (step s always draws latents (seed, s * batch_size + i)); a finished encoder is kept there and reused.
+    Returns the encoder (eval mode, BatchNorm statistics recomputed) and the training losses of every step."""
+    opts.validate()
+    state_path, final_path = Path(state_dir) / "image_encoder_state.pt", Path(state_dir) / "image_encoder_final.pt"
+    torch.manual_seed(opts.seed)
+    encoder = ImageEncoder.from_teacher(teacher_unet, config).to(device)
+    if final_path.exists():
+        final = load_checkpoint(final_path, device, what="trained image encoder")
+        if final.get("options") == asdict(opts):
+            encoder.load_state_dict(final["model"])
+            return encoder.eval().requires_grad_(False), final["losses"]
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=opts.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.steps))
+    step, losses = 0, []
+    if state_path.exists():
+        state = load_checkpoint(state_path, device, what="image-encoder training state")
+        if state.get("options") != asdict(opts):
+            raise PipelineError(f"{state_path} was written with other encoder options; delete it to start over")
+        encoder.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, losses = int(state["step"]), list(state["losses"])
+    encoder.train()
+    bar = tqdm(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
+    while step < opts.steps:
+        images, h = _student_batch(decoder, opts.seed, range(step * opts.batch_size, (step + 1) * opts.batch_size),
+                                   device)
+        loss = F.mse_loss(encoder(images), h)
+        if not torch.isfinite(loss):
+            raise PipelineError(f"image-encoder loss became {loss.item()} at step {step}; lower --encoder_lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", rel=f"{loss.item() / h.pow(2).mean().item():.3f}")
+        if step % opts.save_every == 0 and step < opts.steps:
+            atomic_save({"step": step, "options": asdict(opts), "losses": losses, "model": encoder.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state_path)
+    bar.close()
+    # BatchNorm statistics of the final weights, over student images the training never drew (offset indices)
+    offset = opts.steps * opts.batch_size
+    calibration, _ = _student_batch(decoder, opts.seed, range(offset, offset + opts.bn_samples), device)
+    recalibrate_batchnorm(encoder, calibration, opts.batch_size)
+    atomic_save({"options": asdict(opts), "losses": losses, "model": encoder.state_dict()}, final_path)
+    return encoder.eval().requires_grad_(False), losses
+
+
+def encoder_record(encoder: ImageEncoder, opts: EncoderTrainOptions) -> dict:
+    """What reference_features.pt keeps of the encoder, so notebooks can attribute images of their own."""
+    return {"model_args": encoder.config.to_dict(), "state_dict": encoder.state_dict(), "options": asdict(opts)}
+
+
+def load_image_encoder(record: dict, device="cpu") -> ImageEncoder:
+    encoder = ImageEncoder(TeacherConfig(**record["model_args"]))
+    encoder.load_state_dict(record["state_dict"], strict=True)
+    return encoder.to(device).eval().requires_grad_(False)
