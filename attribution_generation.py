@@ -22,7 +22,8 @@ def main():
     p.add_argument("--top_k", type=int, default=d.top_k, help="training images reported per generation")
     p.add_argument("--seed", type=int, default=d.seed, help="noise of sample i depends only on (seed, i)")
     p.add_argument("--n_eval", type=int, default=d.n_eval, help="generations per strength in the evaluation")
-    p.add_argument("--no_evaluate", dest="evaluate", action="store_false", help="skip attribution_report.json")
+    p.add_argument("--no_evaluate", dest="evaluate", action="store_false",
+                   help="skip the steering and attribution evaluation (attribution_report.json)")
     p.add_argument("--classifier", default=d.classifier, help="project classifier used by the evaluation")
     add_common(p)
     args = p.parse_args()

@@ -21,7 +21,7 @@ from .train_student import StudentTrainOptions, train_student
 STAGES = ("generate", "train", "extract", "attribute")
 PRESETS = {
     # Sized for a 2-core CPU in under 10 minutes with the shipped teacher (measured in README).
-    "demo": {"n_pairs": 1000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 250, "epochs": 10, "train_batch": 64,
+    "demo": {"n_pairs": 1000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 250, "epochs": 25, "train_batch": 64,
              "lr": 1e-3,
              "encoder_steps": 300, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # The 60k-scale run for a GPU.
@@ -73,6 +73,13 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     return state
 
 
+def _load_features_metadata(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    from .io import load_checkpoint
+    return load_checkpoint(path, "cpu", what="reference features")["metadata"]
+
+
 def _load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -101,6 +108,18 @@ def write_report(out: Path, preset: str, settings: dict, teacher: str, state: di
                   f"{fd['teacher_vs_real']:.2f} / {fd['real_half_vs_real_half']:.2f} |",
                   f"| student images/s (batch {sp['batch_size']}) | {sp['student_images_per_s']:.0f} |",
                   f"| teacher UNet evaluations/s | {sp['teacher_unet_evals_per_s']:.0f} |", ""]
+    features_meta = _load_features_metadata(out / "reference_features.pt")
+    if features_meta:
+        c = features_meta["consistency"]
+        lines += ["## Reference features", "",
+                  f"{features_meta['n']} {features_meta['dataset']} images by `{features_meta['method']}` "
+                  f"({features_meta['method_description']}).", "", "| metric | value |", "|---|---|",
+                  f"| consistency (a): cosine between the student's bottleneck for its own generations and what "
+                  f"extraction recovers from those images | {c['generated_bottleneck_cosine_mean']:.3f} |",
+                  f"| reconstruction PSNR of the training images decoded from their features | "
+                  f"{c['reconstruction_psnr_db_mean']:.1f} dB |",
+                  f"| extraction wall time (encoder training + features) | "
+                  f"{features_meta['encoder_training_wall_s'] + features_meta['extraction_wall_s']:.0f} s |", ""]
     lines += ["## Hooks", "", "Same noise for every panel: baseline, include (toward samples 0-9), exclude (away from "
               "samples 100-109), class 3.", ""]
     lines += [f"![{p}](attribution/{p})" for p in hooks_png] + [""]

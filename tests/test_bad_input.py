@@ -9,6 +9,7 @@ the run would finish quickly with exit 0 and the test would fail rather than han
 from __future__ import annotations
 
 import errno
+import re
 import os
 from pathlib import Path
 
@@ -352,3 +353,21 @@ def test_usage_errors_are_one_line_exit_1(script, monkeypatch, capsys, tmp_path)
         _assert_refused(code, err, 1, (needle, "--help"))
         assert len(err.strip().splitlines()) == 1 and not out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_explains_every_option_with_its_default(script, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_main_in_process(REPO / script, ["--help"], monkeypatch, capsys)
+    assert code == 0
+    usage, _, body = out.partition("options:")
+    taking_values = set(re.findall(r"\[(--[\w-]+) [A-Z_{]", usage))
+    flags = set(re.findall(r"\[(--[\w-]+)\]", usage)) - {"--help"}
+    blocks = re.split(r"\n(?=  -)", body)
+    for option in taking_values | flags:
+        block = next((b for b in blocks if re.match(rf"\s*(-\w, )?{option}\b", b)), None)
+        assert block is not None, f"{script}: {option} has no help entry"
+        words = re.sub(rf"^\s*(-\w, )?{option}( \S+)?", "", block).split()
+        assert len(words) >= 3, f"{script}: {option} is not explained: {block!r}"
+        if option in taking_values:
+            assert "(default:" in " ".join(words), f"{script}: {option} does not show its default"
