@@ -52,7 +52,7 @@ class ImageEncoder(torch.nn.Module):
 
 @dataclass
 class EncoderTrainOptions:
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
