@@ -100,8 +100,6 @@ def latent_timestep(student_checkpoint: dict, timesteps: int) -> int:
 
 class DdimInversionExtractor:
     """Latent by DDIM inversion with the teacher (up to where the student's noise lives), feature read there."""
-    name = "ddim_inversion"
-    has_latents = True
 
     def __init__(self, teacher, decoder, grid: list[int]):
         self.eps_fn, self.acp, self.decoder, self.grid = teacher.diffusion.predict_noise, \
@@ -119,8 +117,6 @@ class DdimInversionExtractor:
 
 class ImageEncoderExtractor:
     """The learned image encoder (models/image_encoder.py): the student's bottleneck for an image in one pass."""
-    name = "image_encoder"
-    has_latents = False
 
     def __init__(self, encoder, decoder):
         self.encoder, self.decoder = encoder, decoder

@@ -1,8 +1,8 @@
 """Image -> the student's bottleneck for it: the reference-feature extractor learned from the student itself.
 
 DDIM inversion looks for an image's latent through the teacher, but the teacher's map from latent to image is
-close to many-to-one: even on its own images, 10-50-step inversion recovers the latent with a cosine of only
-0.5-0.7 (BENCHMARKS.md), so features read at an inverted latent drift away from the ones the student computed.
+close to many-to-one: even on its own images, 10-step inversion recovers the latent with a cosine of only 0.58
+(BENCHMARKS.md), so features read at an inverted latent drift away from the ones the student computed.
 The image encoder is trained on exactly the question reference features must answer: for every image the student
 generates from z, return the student's bottleneck at z. Training needs no data (z is drawn fresh every step, and
 the student labels it), and extraction is then one encoder pass per image.
@@ -105,16 +105,17 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
         images, h = _student_batch(decoder, opts.seed, range(step * opts.batch_size, (step + 1) * opts.batch_size),
                                    device)
         loss = F.mse_loss(encoder(images), h)
-        if not torch.isfinite(loss):
-            raise PipelineError(f"image-encoder loss became {loss.item()} at step {step}; lower --encoder_lr")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise PipelineError(f"image-encoder loss became {value} at step {step}; lower --encoder_lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(value)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", rel=f"{loss.item() / h.pow(2).mean().item():.3f}")
+        bar.set_postfix(loss=f"{value:.4f}")
         if step % opts.save_every == 0 and step < opts.steps:
             atomic_save({"step": step, "options": asdict(opts), "losses": losses, "model": encoder.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state_path)

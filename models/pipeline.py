@@ -14,7 +14,8 @@ from pathlib import Path
 from .attribution import AttributionOptions, attribution_generation
 from .features import FeatureOptions, extract_reference_features
 from .generate import GenerateOptions, generate_training_data
-from .io import DEFAULT_CLASSIFIER, atomic_write_json, atomic_write_text, prepare_output_dir, software_versions
+from .io import (DEFAULT_CLASSIFIER, atomic_write_json, atomic_write_text, load_checkpoint, prepare_output_dir,
+                 software_versions)
 from .sampling import DEFAULT_DDIM_STEPS
 from .train_student import StudentTrainOptions, train_student
 
@@ -76,7 +77,6 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
 def _load_features_metadata(path: Path) -> dict:
     if not path.exists():
         return {}
-    from .io import load_checkpoint
     return load_checkpoint(path, "cpu", what="reference features")["metadata"]
 
 

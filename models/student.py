@@ -15,7 +15,7 @@ from torch import nn
 from .checkpoint import inference_weights, load_strict
 from .diffusion import TeacherConfig
 from .io import PipelineError, load_checkpoint, sha256_file
-from .unet import BottleneckHook, Unet
+from .unet import BottleneckHook, Unet, stage_channels
 
 STUDENT_FIX = "pass a checkpoint written by train_direct_decoder.py (e.g. direct_decoder_results/best_model.pt)"
 
@@ -54,8 +54,14 @@ class DirectDecoder(nn.Module):
     def _encode(self, z: torch.Tensor):
         h, shortcuts, t_emb = self.unet.encode(z, self._timestep(z))
         if self.skips == "zero":
-            shortcuts = [torch.zeros_like(s) for s in shortcuts]
+            shortcuts = self._zero_skips(h)
         return h, shortcuts, t_emb
+
+    def _zero_skips(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Zeros in the shapes of the encoder's shortcuts (stage i: c_out/2 channels at side image_size / 2^i)."""
+        c = self.teacher_config
+        return [h.new_zeros(h.shape[0], c_out // 2, c.image_size >> i, c.image_size >> i)
+                for i, (_, c_out) in enumerate(stage_channels(c.base_dim, c.dim_mults))]
 
     def forward(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None) -> torch.Tensor:
         return self.generate(z, hook)[0]
@@ -64,14 +70,7 @@ class DirectDecoder(nn.Module):
         """The image for bottleneck features ``h`` alone (zero-skip students: the image depends on nothing else)."""
         if self.skips != "zero":
             raise PipelineError("decoding from the bottleneck alone needs a student trained with --skips zero")
-        n, side = h.shape[0], self.teacher_config.image_size
-        t = torch.full((n,), self.input_timestep, device=h.device, dtype=torch.long)
-        zero_skips = []
-        for block in self.unet.encoder_blocks:  # shapes of the shortcuts encode() would have returned
-            channels = block.time_mlp.mlp[-1].out_features
-            zero_skips.append(h.new_zeros(n, channels, side, side))
-            side //= 2
-        return self.unet.decode(h, zero_skips, self.unet.time_embedding(t))
+        return self.unet.decode(h, self._zero_skips(h), self.unet.time_embedding(self._timestep(h)))
 
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         """The features hooks act on (before any hook), e.g. to build reference features."""
