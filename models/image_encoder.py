@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .diffusion import TeacherConfig
 from .io import PipelineError, atomic_save, load_checkpoint
 from .noise import per_sample_noise
-from .train_student import warmup_cosine
+from .optim import warmup_cosine
 from .unet import Unet, recalibrate_batchnorm
 
 ENCODER_KEYS = ("init_conv.", "time_embedding.", "encoder_blocks.", "mid_block.")

@@ -152,8 +152,9 @@ def truncate_jsonl(path: str | os.PathLike, key: str, last) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "checkpoint",
-                    fix: str = "") -> dict:
-    """Loads with ``weights_only=True`` straight onto ``device``; every failure becomes one actionable line."""
+                    fix: str = "", mmap: bool = False) -> dict:
+    """Loads with ``weights_only=True`` straight onto ``device``; every failure becomes one actionable line.
+    ``mmap=True`` (CPU only) reads tensors lazily: for callers that only want a large file's metadata."""
     path = Path(path)
     hint = f"; {fix}" if fix else ""
     if not path.exists():
@@ -162,7 +163,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
         raise MissingInputError(f"{what} path is a directory, expected a .pt file: {path}{hint}")
     start = time.perf_counter()
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if "Weights only load failed" in str(err):

@@ -77,7 +77,7 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
 def _load_features_metadata(path: Path) -> dict:
     if not path.exists():
         return {}
-    return load_checkpoint(path, "cpu", what="reference features")["metadata"]
+    return load_checkpoint(path, "cpu", what="reference features", mmap=True)["metadata"]
 
 
 def _load_json(path: Path) -> dict:

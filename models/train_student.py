@@ -18,6 +18,7 @@ from .data import split_indices
 from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save, atomic_write_json,
                  load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file, software_versions,
                  truncate_jsonl)
+from .optim import warmup_cosine
 from .plots import plot_metric_curves
 from .sampling import autocast_for, configure_precision
 from .student import SKIP_MODES, DirectDecoder
@@ -71,17 +72,6 @@ def load_training_pairs(path: str | Path, device="cpu") -> dict:
     if data.get("kind") != "training_pairs" or "noise" not in data or "images" not in data:
         raise PipelineError(f"{path} is not a training_data.pt written by generate_training_data.py")
     return data
-
-
-def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
-    """Linear warm-up then cosine decay, well defined for any run length (OneCycleLR fails below ~10 steps)."""
-    warmup = max(1, round(warmup_fraction * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-    return factor
 
 
 def student_split(n: int, val_fraction: float, seed: int):
