@@ -3,6 +3,8 @@
     python bench/teacher_loss_by_t.py runs/a/steps_00001200.pt runs/b/steps_00001200.pt
 
 The same 512 mnist5k images, noise and timesteps for every checkpoint (EMA weights, eval mode), so rows compare.
+Also recorded: how far the per-timestep embedding table has moved from a table of unrelated random rows (mean
+cosine between the rows of neighbouring timesteps, and the mean row norm; random N(0, 1) rows give ~0 and ~16).
 """
 import sys
 from pathlib import Path
@@ -30,6 +32,12 @@ def loss_by_band(diffusion, images: torch.Tensor, seed: int = 123) -> list[float
     return out
 
 
+def embedding_smoothness(diffusion) -> dict:
+    rows = diffusion.model.time_embedding.weight.detach().float()
+    cosine = torch.nn.functional.cosine_similarity(rows[1:], rows[:-1], dim=1)
+    return {"neighbour_cosine_mean": cosine.mean().item(), "row_norm_mean": rows.norm(dim=1).mean().item()}
+
+
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoints", nargs="+", help="teacher checkpoints")
@@ -38,14 +46,17 @@ def main():
     a = p.parse_args()
     data = load_dataset("mnist5k", "train")
     images = data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:a.n]]
-    print("checkpoint".ljust(48) + "".join(f"{lo}-{hi}".rjust(10) for lo, hi in BANDS))
+    print("checkpoint".ljust(48) + "".join(f"{lo}-{hi}".rjust(10) for lo, hi in BANDS) + "  emb cos  emb norm")
     for path in a.checkpoints:
         teacher = load_teacher(path, "cpu")
         losses = loss_by_band(teacher.diffusion.eval(), images)
+        embedding = embedding_smoothness(teacher.diffusion)
         append_jsonl({"checkpoint": path, "sha256": teacher.sha256, "step": teacher.checkpoint.get("step"),
-                      "bands": BANDS, "eps_mse": losses, "n": a.n, "machine": machine_description(),
+                      "bands": BANDS, "eps_mse": losses, "time_embedding": embedding, "n": a.n,
+                      "machine": machine_description(),
                       "command": "python " + " ".join(sys.argv)}, a.record)
-        print(path[-48:].ljust(48) + "".join(f"{v:10.4f}" for v in losses))
+        print(path[-48:].ljust(48) + "".join(f"{v:10.4f}" for v in losses)
+              + f"{embedding['neighbour_cosine_mean']:9.3f}{embedding['row_norm_mean']:10.2f}")
 
 
 if __name__ == "__main__":
