@@ -34,8 +34,7 @@ def main():
                 "steps_this_schedule": int(ckpt["step"]), "total_steps_planned": ckpt["config"]["total_steps"],
                 "final_loss": stats[-1]["loss"], "data_source": ckpt.get("data_source"),
                 "config": ckpt["config"], "command": a.command, "wall_s": a.wall_s,
-                "machine": f"{machine_description().split(', torch threads')[0]}, training with "
-                           f"{ckpt['config']['options'].get('threads') or 'default'} torch thread(s)",
+                "machine": machine_description(threads=ckpt["config"]["options"].get("threads")),
                 "versions": ckpt.get("versions"), "status": a.status,
                 "evaluation": {k: evaluation[k] for k in ("sampler", "n", "teacher", "real_vs_real_same_n", "command")},
                 "sample_grid": str(Path(a.eval).with_suffix(".png"))}

@@ -179,8 +179,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     return obj
 
 
-def machine_description() -> str:
-    """For benchmark records: CPU model and cores, or the GPU."""
+def machine_description(threads: int | None = None) -> str:
+    """For benchmark records: CPU model and cores (with ``threads``, or this process's torch threads), or the GPU."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     model = platform.processor() or platform.machine()
@@ -191,7 +191,7 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()}-core CPU ({model}), torch threads {torch.get_num_threads()}"
+    return f"{os.cpu_count()}-core CPU ({model}), torch threads {threads or torch.get_num_threads()}"
 
 
 def software_versions() -> dict:
