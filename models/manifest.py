@@ -13,8 +13,12 @@ MANIFEST = Path("checkpoints/MANIFEST.json")
 def describe(path: Path) -> dict:
     ckpt = load_checkpoint(path, "cpu")
     kind = ckpt.get("kind") or ("teacher (upstream format)" if "model_ema" in ckpt else "unknown")
-    return {"kind": kind, "model_args": ckpt.get("model_args"), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
-            "data_source": ckpt.get("data_source") or ckpt.get("dataset")}
+    entry = {"kind": kind, "model_args": ckpt.get("model_args"), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
+             "data_source": ckpt.get("data_source") or ckpt.get("dataset")}
+    steps_before = (ckpt.get("config") or {}).get("steps_before")
+    if steps_before and ckpt.get("step") is not None:  # a --init_from continuation: `step` counts only its own leg
+        entry["steps_total"] = int(ckpt["step"]) + int(steps_before)
+    return entry
 
 
 def add_entry(path: str, produced_by: str, manifest: Path = MANIFEST, extra: dict | None = None) -> dict:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import one_error_line, run_main_in_process, subprocess_env
 from models.io import PipelineError, sha256_file
@@ -113,3 +114,13 @@ def test_replaced_file_and_missing_manifest(workdir, verify_in_process):
     assert info.value.exit_code == 2 and "does not match" in str(info.value)
     code, _, err = verify_in_process("--manifest", "nowhere.json")
     assert code == 2 and err.startswith("error: ") and "nowhere.json not found" in err
+
+
+def test_continuation_records_its_total_steps(workdir):
+    """A teacher continued with --init_from counts only its own leg in `step`; the manifest adds the earlier legs."""
+    ckpt = torch.load(workdir / TEACHER, map_location="cpu", weights_only=True)
+    ckpt["config"] = {**ckpt["config"], "steps_before": 14000}
+    torch.save(ckpt, workdir / "ckpts/continued.pt")
+    entry = add_entry("ckpts/continued.pt", "python train_ddpm.py --init_from ckpts/teacher.pt", Path("MANIFEST.json"))
+    assert entry["step"] == ckpt["step"] and entry["steps_total"] == int(ckpt["step"]) + 14000
+    assert "steps_total" not in json.loads((workdir / "MANIFEST.json").read_text())[TEACHER]
