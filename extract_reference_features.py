@@ -26,6 +26,11 @@ def main():
     p.add_argument("--encoder_batch_size", type=int, default=d.encoder_batch_size,
                    help="student generations per image-encoder step")
     p.add_argument("--encoder_lr", type=float, default=d.encoder_lr, help="image-encoder peak learning rate")
+    p.add_argument("--encoder_teacher_pairs_fraction", type=float, default=d.encoder_teacher_pairs_fraction,
+                   help="share of each image-encoder batch taken from the student's training pairs (the teacher's "
+                        "sharp image for a pair's noise, target: the student's bottleneck at that noise), so real "
+                        "digits map inside the student's bottleneck range; 0: the student's own images only; used "
+                        "when the pairs file recorded in the student checkpoint is still there unchanged")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the image encoder's training latents")
     p.add_argument("--inversion_steps", type=int, default=d.inversion_steps,
                    help="DDIM inversion steps, evenly spaced from t = 0 up to the first timestep of the sampler "

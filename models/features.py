@@ -25,12 +25,13 @@ from tqdm import tqdm
 from .checkpoint import load_teacher
 from .data import SOURCES, load_dataset
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file, load_checkpoint, pick_device,
-                 software_versions)
+                 sha256_file, software_versions)
 from .noise import per_sample_noise
 from .image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
 from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
 from .shards import ShardedJob
 from .student import check_pairing, load_student
+from .train_student import load_training_pairs
 
 DEFAULT_INVERSION_STEPS = 10
 METHODS = ("auto", "image_encoder", "ddim_inversion")
@@ -51,6 +52,7 @@ class FeatureOptions:
     encoder_steps: int = EncoderTrainOptions.steps
     encoder_batch_size: int = EncoderTrainOptions.batch_size
     encoder_lr: float = EncoderTrainOptions.lr
+    encoder_teacher_pairs_fraction: float = EncoderTrainOptions.teacher_pairs_fraction
     seed: int = 0
     fp16: bool = False
     store_latents: bool = True
@@ -80,7 +82,8 @@ def _validate(opts: FeatureOptions) -> None:
         raise PipelineError("--limit and --consistency_samples must be >= 0")
     if opts.method not in METHODS:
         raise PipelineError(f"--method must be one of {METHODS}, got {opts.method!r}")
-    EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr).validate()
+    EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr,
+                        teacher_pairs_fraction=opts.encoder_teacher_pairs_fraction).validate()
     if opts.dataset is not None and opts.dataset not in SOURCES:
         raise PipelineError(f"--dataset must be one of {SOURCES}, got {opts.dataset!r}")
     check_output_file(opts.output_path, "--output_path")
@@ -151,12 +154,15 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     method = resolve_method(opts.method, decoder.skips)
     source = opts.dataset or teacher.checkpoint.get("data_source") or "mnist"
     grid = inversion_timesteps(latent_timestep(student.checkpoint, teacher.config.timesteps), opts.inversion_steps)
-    encoder_opts = EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr, opts.seed)
+    pairs_record = student_training_pairs(student.checkpoint) \
+        if method == "image_encoder" and opts.encoder_teacher_pairs_fraction > 0 else None
+    encoder_opts = EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr, opts.seed,
+                                       teacher_pairs_fraction=opts.encoder_teacher_pairs_fraction if pairs_record else 0.0)
     out_path = Path(opts.output_path)
     data = load_dataset(source, opts.split, download=opts.download)
     n = min(len(data), opts.limit) if opts.limit else len(data)
     method_identity = {"inversion_steps": opts.inversion_steps, "inversion_timesteps": grid} \
-        if method == "ddim_inversion" else {"image_encoder": asdict(encoder_opts)}
+        if method == "ddim_inversion" else {"image_encoder": asdict(encoder_opts), "encoder_teacher_pairs": pairs_record}
     identity = {"teacher_sha256": teacher.sha256, "student_sha256": student.sha256, "dataset": source,
                 "split": opts.split, "n": n, "method": method, **method_identity, "fp16": opts.fp16,
                 "store_latents": opts.store_latents and method == "ddim_inversion", "device": device.type}
@@ -171,8 +177,9 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     encoder_s, encoder_losses = 0.0, []
     if method == "image_encoder":
         encoder_start = time.perf_counter()
+        pairs = load_training_pairs(pairs_record["path"]) if pairs_record else None
         encoder, encoder_losses = train_image_encoder(decoder, teacher.diffusion.model, teacher.config,
-                                                      encoder_opts, job.dir, device)
+                                                      encoder_opts, job.dir, device, pairs)
         print(f"image encoder: training MSE to the student's bottleneck {encoder_losses[0]:.4f} -> "
               f"{encoder_losses[-1]:.4f} over {len(encoder_losses)} steps")
         encoder_s = time.perf_counter() - encoder_start
@@ -226,6 +233,18 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
           f"{f', encoder training {encoder_s:.0f}s' if encoder_s else ''}); consistency cosine "
           f"{consistency['generated_bottleneck_cosine_mean']:.3f}, reconstruction PSNR {recon_psnr.mean().item():.1f} dB")
     return {"path": str(out_path), "n": n, "wall_s": wall, "extraction_s": work_s, "metadata": metadata}
+
+
+def student_training_pairs(student_checkpoint: dict) -> dict | None:
+    """The pairs the student was trained on (path, sha256), if that file is still there unchanged; else None, with
+    a line saying the image encoder trains on the student's own images only."""
+    record = student_checkpoint.get("training_data") or {}
+    path = record.get("path")
+    if path and Path(path).is_file() and sha256_file(path) == record.get("sha256"):
+        return {"path": str(path), "sha256": record["sha256"]}
+    print(f"image encoder: the student's training pairs ({path or 'not recorded'}) are missing or changed; training "
+          "on the student's own images only (real digits may then map outside the student's bottleneck range)")
+    return None
 
 
 @torch.inference_mode()

@@ -4,8 +4,11 @@ DDIM inversion looks for an image's latent through the teacher, but the teacher'
 close to many-to-one: even on its own images, 10-step inversion recovers the latent with a cosine of only 0.58
 (BENCHMARKS.md), so features read at an inverted latent drift away from the ones the student computed.
 The image encoder is trained on exactly the question reference features must answer: for every image the student
-generates from z, return the student's bottleneck at z. Training needs no data (z is drawn fresh every step, and
-the student labels it), and extraction is then one encoder pass per image.
+generates from z, return the student's bottleneck at z (z is drawn fresh every step, and the student labels it),
+and extraction is then one encoder pass per image. The student's images are blurred, though, and real digits are
+sharp: trained on student images alone, the encoder maps real digits to features of 2.6x the norm of any
+bottleneck the student produces (BENCHMARKS.md), which the decoder cannot use. So part of each batch is the
+teacher's sharp image for a training pair's noise z, with the same target: the student's bottleneck at z.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class EncoderTrainOptions:
     seed: int = 0
     save_every: int = 100
     bn_samples: int = 1024
+    teacher_pairs_fraction: float = 0.5  # share of each batch from the training pairs' teacher images (0: none)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "save_every"):
@@ -65,6 +69,11 @@ class EncoderTrainOptions:
                 raise PipelineError(f"--encoder_{name} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise PipelineError(f"--encoder_lr must be a positive number, got {self.lr}")
+        if not 0 <= self.teacher_pairs_fraction <= 1:
+            raise PipelineError(f"--encoder_teacher_pairs_fraction must be in [0, 1], got {self.teacher_pairs_fraction}")
+
+    def pair_count(self, batch_size: int) -> int:
+        return int(round(batch_size * self.teacher_pairs_fraction))
 
 
 def _student_batch(decoder, seed: int, indices, device):
@@ -74,12 +83,35 @@ def _student_batch(decoder, seed: int, indices, device):
     return images.float().clamp(-1, 1).clone(), h.float().clone()
 
 
+def _pairs_batch(decoder, pairs: dict, seed: int, step: int, count: int, device):
+    """``count`` training pairs drawn by (seed, step) alone: the teacher's images, the student's bottleneck at their
+    noise."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = torch.randint(len(pairs["images"]), (count,), generator=generator)
+    with torch.inference_mode():
+        _, h, _ = decoder.generate(pairs["noise"][idx].to(device))
+    return pairs["images"][idx].to(device).float().clamp(-1, 1), h.float().clone()
+
+
+def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device):
+    n_pairs = opts.pair_count(opts.batch_size) if pairs is not None else 0
+    first = step * opts.batch_size
+    images, h = _student_batch(decoder, opts.seed, range(first, first + opts.batch_size - n_pairs), device)
+    if n_pairs:
+        pair_images, pair_h = _pairs_batch(decoder, pairs, opts.seed, step, n_pairs, device)
+        images, h = torch.cat([images, pair_images]), torch.cat([h, pair_h])
+    return images, h
+
+
 def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts: EncoderTrainOptions,
-                        state_dir: Path, device) -> tuple[ImageEncoder, list[float]]:
-    """Fits the encoder to the student's (image, bottleneck) pairs. Resumable bit-exactly from ``state_dir``
-    (step s always draws latents (seed, s * batch_size + i)); a finished encoder is kept there and reused.
-    Returns the encoder (eval mode, BatchNorm statistics recomputed) and the training losses of every step."""
+                        state_dir: Path, device, pairs: dict | None = None) -> tuple[ImageEncoder, list[float]]:
+    """Fits the encoder to the student's (image, bottleneck) pairs, and with ``pairs`` (a training_data.pt) also
+    to (teacher image, student bottleneck at the pair's noise). Resumable bit-exactly from ``state_dir`` (step s
+    always draws latents (seed, s * batch_size + i) and pairs by (seed, s)); a finished encoder is kept there and
+    reused. Returns the encoder (eval mode, BatchNorm statistics recomputed) and the training losses of every step."""
     opts.validate()
+    if pairs is None and opts.teacher_pairs_fraction > 0:
+        raise PipelineError("teacher_pairs_fraction > 0 needs the student's training pairs")
     state_path, final_path = Path(state_dir) / "image_encoder_state.pt", Path(state_dir) / "image_encoder_final.pt"
     torch.manual_seed(opts.seed)
     encoder = ImageEncoder.from_teacher(teacher_unet, config).to(device)
@@ -102,8 +134,7 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
     encoder.train()
     bar = tqdm(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
     while step < opts.steps:
-        images, h = _student_batch(decoder, opts.seed, range(step * opts.batch_size, (step + 1) * opts.batch_size),
-                                   device)
+        images, h = _training_batch(decoder, pairs, opts, step, device)
         loss = F.mse_loss(encoder(images), h)
         value = loss.item()
         if not math.isfinite(value):
@@ -120,9 +151,12 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
             atomic_save({"step": step, "options": asdict(opts), "losses": losses, "model": encoder.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state_path)
     bar.close()
-    # BatchNorm statistics of the final weights, over student images the training never drew (offset indices)
+    # BatchNorm statistics of the final weights, over the training mixture (student images the training never drew)
     offset = opts.steps * opts.batch_size
-    calibration, _ = _student_batch(decoder, opts.seed, range(offset, offset + opts.bn_samples), device)
+    n_pairs = opts.pair_count(opts.bn_samples) if pairs is not None else 0
+    calibration, _ = _student_batch(decoder, opts.seed, range(offset, offset + opts.bn_samples - n_pairs), device)
+    if n_pairs:
+        calibration = torch.cat([calibration, _pairs_batch(decoder, pairs, opts.seed, opts.steps, n_pairs, device)[0]])
     recalibrate_batchnorm(encoder, calibration, opts.batch_size)
     atomic_save({"options": asdict(opts), "losses": losses, "model": encoder.state_dict()}, final_path)
     return encoder.eval().requires_grad_(False), losses

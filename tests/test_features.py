@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ import models.features
 from helpers import assert_identical, kill_when, load_pt, one_error_line, start_logged, use_cached_mnist5k
 from models.checkpoint import load_teacher
 from models.features import FeatureOptions, extract_reference_features, psnr
-from models.image_encoder import EncoderTrainOptions, ImageEncoder, load_image_encoder, train_image_encoder
+from models.image_encoder import (EncoderTrainOptions, ImageEncoder, _training_batch, load_image_encoder,
+                                  train_image_encoder)
 from models.noise import per_sample_noise
-from models.io import MissingInputError, run_cli, sha256_file
+from models.io import MissingInputError, PipelineError, run_cli, sha256_file
 from models.samplers import ddim_invert, ddim_timesteps
 from models.student import load_student
+from models.train_student import load_training_pairs
 
 N = 120  # --limit of the tiny feature run (conftest TINY_FEATURE_ARGS)
 
@@ -107,27 +110,73 @@ def test_consistency_is_measured_on_the_students_own_generations(ref, student):
                                                                                                abs=1e-5)
 
 
-def test_image_encoder_training_learns_and_resumes(tmp_path, student, teacher):
+@pytest.fixture(scope="module")
+def pairs(tiny_pairs) -> dict:
+    return load_training_pairs(tiny_pairs)
+
+
+def test_image_encoder_training_learns_and_resumes(tmp_path, student, teacher, pairs):
     """Its training error against the student's bottleneck falls (on the real pair, BENCHMARKS.md has the
     consistency it reaches); a rerun after an interruption (the state at step 4 of 6 kept, the finished encoder
     gone) ends with the same weights and losses; a finished encoder is reused."""
     opts = EncoderTrainOptions(steps=6, batch_size=8, lr=1e-2, save_every=2, bn_samples=16)
     decoder, cfg = student.decoder, teacher.config
-    trained, losses = train_image_encoder(decoder, teacher.diffusion.model, cfg, opts, tmp_path, "cpu")
+    trained, losses = train_image_encoder(decoder, teacher.diffusion.model, cfg, opts, tmp_path, "cpu", pairs)
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
     assert not trained.training and not any(p.requires_grad for p in trained.parameters())
     assert load_pt(tmp_path / "image_encoder_state.pt")["step"] == 4
     (tmp_path / "image_encoder_final.pt").unlink()
-    resumed, resumed_losses = train_image_encoder(decoder, teacher.diffusion.model, cfg, opts, tmp_path, "cpu")
+    resumed, resumed_losses = train_image_encoder(decoder, teacher.diffusion.model, cfg, opts, tmp_path, "cpu", pairs)
     assert_identical(resumed.state_dict(), trained.state_dict(), "encoder")
     assert resumed_losses == losses
-    again, _ = train_image_encoder(decoder, teacher.diffusion.model, cfg, opts, tmp_path, "cpu")
+    again, _ = train_image_encoder(decoder, teacher.diffusion.model, cfg, opts, tmp_path, "cpu", pairs)
     assert_identical(again.state_dict(), trained.state_dict(), "encoder")
     # the warm start is the teacher's own encoder, read at t = 0
     start = ImageEncoder.from_teacher(teacher.diffusion.model, cfg)
     theirs = teacher.diffusion.model.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in start.unet.state_dict().items())
+
+
+def test_encoder_batches_mix_teacher_images_of_the_training_pairs(student, pairs):
+    """Half of each batch (the default) is the teacher's image for a training pair's noise, with the student's
+    bottleneck at that noise as the target (real digits are sharp like the teacher's, not blurred like the
+    student's); the draw depends on (seed, step) only, so training resumes bit-exactly."""
+    opts = EncoderTrainOptions(batch_size=8)
+    decoder = student.decoder
+    images, targets = _training_batch(decoder, pairs, opts, step=3, device="cpu")
+    assert images.shape[0] == targets.shape[0] == 8
+    teacher_rows, student_rows = images[4:], images[:4]
+    flat = pairs["images"].flatten(1)
+    matches = [(flat == row.flatten()).all(1).nonzero().flatten() for row in teacher_rows]
+    assert all(len(m) >= 1 for m in matches)  # every second-half image is a stored teacher image
+    idx = torch.stack([m[0] for m in matches])
+    with torch.inference_mode():
+        own_images, own_h, _ = decoder.generate(pairs["noise"][idx])
+    torch.testing.assert_close(targets[4:], own_h.float())
+    assert not any((flat == row.flatten()).all(1).any() for row in student_rows)
+    again_images, again_targets = _training_batch(decoder, pairs, opts, step=3, device="cpu")
+    assert torch.equal(again_images, images) and torch.equal(again_targets, targets)
+    other, _ = _training_batch(decoder, pairs, opts, step=4, device="cpu")
+    assert not torch.equal(other[4:], images[4:])
+    only_own, _ = _training_batch(decoder, pairs, EncoderTrainOptions(batch_size=8, teacher_pairs_fraction=0.0),
+                                  step=3, device="cpu")
+    assert not any((flat == row.flatten()).all(1).any() for row in only_own)
+    with pytest.raises(PipelineError, match="training pairs"):
+        train_image_encoder(decoder, None, None, EncoderTrainOptions(), Path("unused"), "cpu", None)
+
+
+def test_features_record_the_pairs_the_encoder_used(ref, tiny_pairs):
+    meta = ref["metadata"]
+    assert meta["image_encoder"]["teacher_pairs_fraction"] == 0.5
+    assert meta["encoder_teacher_pairs"] == {"path": str(tiny_pairs), "sha256": sha256_file(tiny_pairs)}
+
+
+def test_missing_pairs_fall_back_to_the_students_images(tmp_path, tiny_student, capsys):
+    ckpt = load_pt(tiny_student)
+    ckpt["training_data"] = {**ckpt["training_data"], "path": str(tmp_path / "moved.pt")}
+    assert models.features.student_training_pairs(ckpt) is None
+    assert "missing or changed" in capsys.readouterr().out
 
 
 def test_ddim_inversion_method(tmp_path, student, teacher, mnist5k, tiny_teacher_ckpt, tiny_student, cached_dataset):
