@@ -19,12 +19,13 @@ def main():
     p.add_argument("--split", choices=["train", "test"], default=d.split, help="dataset split")
     p.add_argument("--limit", type=int, default=d.limit, help="use only the first N images (0: all)")
     p.add_argument("--method", choices=["auto", "image_encoder", "ddim_inversion"], default=d.method,
-                   help="image_encoder: an encoder trained on the student's own (image, bottleneck) pairs, then one "
+                   help="image_encoder: an encoder trained to return the student's bottleneck for its own images and the "
+                        "teacher's images of its training pairs, then one "
                         "pass per image; ddim_inversion: the teacher's DDIM latent, bottleneck read there; auto: "
                         "image_encoder for students trained with --skips zero, else ddim_inversion")
     p.add_argument("--encoder_steps", type=int, default=d.encoder_steps, help="image-encoder training steps")
     p.add_argument("--encoder_batch_size", type=int, default=d.encoder_batch_size,
-                   help="student generations per image-encoder step")
+                   help="images per image-encoder step (student generations and teacher images of training pairs)")
     p.add_argument("--encoder_lr", type=float, default=d.encoder_lr, help="image-encoder peak learning rate")
     p.add_argument("--encoder_teacher_pairs_fraction", type=float, default=d.encoder_teacher_pairs_fraction,
                    help="share of each image-encoder batch taken from the student's training pairs (the teacher's "

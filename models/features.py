@@ -121,11 +121,13 @@ class DdimInversionExtractor:
 class ImageEncoderExtractor:
     """The learned image encoder (models/image_encoder.py): the student's bottleneck for an image in one pass."""
 
-    def __init__(self, encoder, decoder):
-        self.encoder, self.decoder = encoder, decoder
+    def __init__(self, encoder, decoder, teacher_pairs_fraction: float = 0.0):
+        self.encoder, self.decoder, self.teacher_pairs_fraction = encoder, decoder, teacher_pairs_fraction
 
     def describe(self) -> str:
-        return "the image encoder trained on the student's own (image, bottleneck) pairs"
+        mix = (f", {self.teacher_pairs_fraction:.0%} of each batch the teacher's images of the training pairs"
+               if self.teacher_pairs_fraction else "")
+        return f"the image encoder trained to return the student's bottleneck (the student's own images{mix})"
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
@@ -183,7 +185,7 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
         print(f"image encoder: training MSE to the student's bottleneck {encoder_losses[0]:.4f} -> "
               f"{encoder_losses[-1]:.4f} over {len(encoder_losses)} steps")
         encoder_s = time.perf_counter() - encoder_start
-        extractor = ImageEncoderExtractor(encoder, decoder)
+        extractor = ImageEncoderExtractor(encoder, decoder, encoder_opts.teacher_pairs_fraction)
     else:
         extractor = DdimInversionExtractor(teacher, decoder, grid)
     print(f"features: {extractor.describe()}")
