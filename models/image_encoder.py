@@ -93,14 +93,19 @@ def _pairs_batch(decoder, pairs: dict, seed: int, step: int, count: int, device)
     return pairs["images"][idx].to(device).float().clamp(-1, 1), h.float().clone()
 
 
-def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device):
-    n_pairs = opts.pair_count(opts.batch_size) if pairs is not None else 0
-    first = step * opts.batch_size
-    images, h = _student_batch(decoder, opts.seed, range(first, first + opts.batch_size - n_pairs), device)
+def _mixed_batch(decoder, pairs, opts: EncoderTrainOptions, first: int, size: int, draw: int, device):
+    """``size`` images with their targets: student generations from latents (seed, first + i), then the share
+    ``opts.teacher_pairs_fraction`` of teacher images from the training pairs, drawn by (seed, draw)."""
+    n_pairs = opts.pair_count(size)
+    images, h = _student_batch(decoder, opts.seed, range(first, first + size - n_pairs), device)
     if n_pairs:
-        pair_images, pair_h = _pairs_batch(decoder, pairs, opts.seed, step, n_pairs, device)
+        pair_images, pair_h = _pairs_batch(decoder, pairs, opts.seed, draw, n_pairs, device)
         images, h = torch.cat([images, pair_images]), torch.cat([h, pair_h])
     return images, h
+
+
+def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device):
+    return _mixed_batch(decoder, pairs, opts, step * opts.batch_size, opts.batch_size, step, device)
 
 
 def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts: EncoderTrainOptions,
@@ -153,10 +158,7 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
     bar.close()
     # BatchNorm statistics of the final weights, over the training mixture (student images the training never drew)
     offset = opts.steps * opts.batch_size
-    n_pairs = opts.pair_count(opts.bn_samples) if pairs is not None else 0
-    calibration, _ = _student_batch(decoder, opts.seed, range(offset, offset + opts.bn_samples - n_pairs), device)
-    if n_pairs:
-        calibration = torch.cat([calibration, _pairs_batch(decoder, pairs, opts.seed, opts.steps, n_pairs, device)[0]])
+    calibration, _ = _mixed_batch(decoder, pairs, opts, offset, opts.bn_samples, opts.steps, device)
     recalibrate_batchnorm(encoder, calibration, opts.batch_size)
     atomic_save({"options": asdict(opts), "losses": losses, "model": encoder.state_dict()}, final_path)
     return encoder.eval().requires_grad_(False), losses

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import one_error_line, run_main_in_process, subprocess_env
+from helpers import load_pt, one_error_line, run_main_in_process, subprocess_env
 from models.io import PipelineError, sha256_file
 from models.manifest import add_entry, verify
 
@@ -118,7 +118,7 @@ def test_replaced_file_and_missing_manifest(workdir, verify_in_process):
 
 def test_continuation_records_its_total_steps(workdir):
     """A teacher continued with --init_from counts only its own leg in `step`; the manifest adds the earlier legs."""
-    ckpt = torch.load(workdir / TEACHER, map_location="cpu", weights_only=True)
+    ckpt = load_pt(workdir / TEACHER)
     ckpt["config"] = {**ckpt["config"], "steps_before": 14000}
     torch.save(ckpt, workdir / "ckpts/continued.pt")
     entry = add_entry("ckpts/continued.pt", "python train_ddpm.py --init_from ckpts/teacher.pt", Path("MANIFEST.json"))
