@@ -34,6 +34,9 @@ def main():
     p.add_argument("--time_embedding_init", choices=("random", "sinusoidal"), default=d.time_embedding_init,
                    help="initial rows of the per-timestep embedding table: random (upstream) or sinusoidal "
                         "(smooth in t; same architecture and checkpoint format)")
+    p.add_argument("--freeze_batchnorm", action="store_true",
+                   help="train with BatchNorm in eval mode (its running statistics fixed), i.e. the network as "
+                        "sampling runs it; for a short leg with --init_from (default: off, upstream)")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (0: torch's default)")
     add_common(p, resume=True)
     args = p.parse_args()

@@ -3,6 +3,10 @@
     python bench/teacher_loss_by_t.py runs/a/steps_00001200.pt runs/b/steps_00001200.pt
 
 The same 512 mnist5k images, noise and timesteps for every checkpoint (EMA weights, eval mode), so rows compare.
+With --per_t LO HI, every timestep in [LO, HI) instead: the error in eval mode (BatchNorm's running statistics,
+as sampling runs) beside the error with batch statistics, the probe images at that t mixed into training-like
+batches of uniform t (as training sees them). Timesteps where eval mode is far worse are BatchNorm outliers.
+
 Also recorded: how far the per-timestep embedding table has moved from a table of unrelated random rows (mean
 cosine between the rows of neighbouring timesteps, and the mean row norm; random N(0, 1) rows give ~0 and ~16).
 """
@@ -32,6 +36,36 @@ def loss_by_band(diffusion, images: torch.Tensor, seed: int = 123) -> list[float
     return out
 
 
+@torch.inference_mode()
+def loss_per_t(diffusion, images: torch.Tensor, t_range: range, per_batch: int = 8, batch: int = 64,
+               seed: int = 123) -> list[dict]:
+    norms = [m for m in diffusion.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # batch statistics in train mode, running statistics left untouched
+    rows = []
+    try:
+        for t0 in t_range:
+            gen = torch.Generator().manual_seed(seed)
+            sq_eval, sq_batch, count = 0.0, 0.0, 0
+            for start in range(0, images.shape[0] - batch + 1, batch):
+                x = images[start:start + batch]
+                noise = torch.randn(x.shape, generator=gen)
+                t = torch.randint(0, diffusion.timesteps, (batch,), generator=gen)
+                t[:per_batch] = t0
+                diffusion.eval()
+                sq_eval += (diffusion(x, noise, t) - noise)[:per_batch].pow(2).sum().item()
+                diffusion.train()
+                sq_batch += (diffusion(x, noise, t) - noise)[:per_batch].pow(2).sum().item()
+                count += noise[:per_batch].numel()
+            rows.append({"t": t0, "eval_mse": sq_eval / count, "batch_stats_mse": sq_batch / count})
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        diffusion.eval()
+    return rows
+
+
 def embedding_smoothness(diffusion) -> dict:
     rows = diffusion.model.time_embedding.weight.detach().float()
     cosine = torch.nn.functional.cosine_similarity(rows[1:], rows[:-1], dim=1)
@@ -42,10 +76,14 @@ def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoints", nargs="+", help="teacher checkpoints")
     p.add_argument("--n", type=int, default=512, help="held-out images (a fixed random subset of mnist5k)")
+    p.add_argument("--per_t", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="every timestep in [LO, HI): eval-mode vs batch-statistics error (default: off, bands)")
     p.add_argument("--record", default="bench/results/teacher_loss_by_t.jsonl", help="append results here")
     a = p.parse_args()
     data = load_dataset("mnist5k", "train")
     images = data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:a.n]]
+    if a.per_t:
+        return per_t_main(a, images)
     print("checkpoint".ljust(48) + "".join(f"{lo}-{hi}".rjust(10) for lo, hi in BANDS) + "  emb cos  emb norm")
     for path in a.checkpoints:
         teacher = load_teacher(path, "cpu")
@@ -57,6 +95,20 @@ def main():
                       "command": "python " + " ".join(sys.argv)}, a.record)
         print(path[-48:].ljust(48) + "".join(f"{v:10.4f}" for v in losses)
               + f"{embedding['neighbour_cosine_mean']:9.3f}{embedding['row_norm_mean']:10.2f}")
+
+
+def per_t_main(a, images: torch.Tensor) -> None:
+    for path in a.checkpoints:
+        teacher = load_teacher(path, "cpu")
+        rows = loss_per_t(teacher.diffusion, images, range(*a.per_t))
+        outliers = [r for r in rows if r["eval_mse"] > 10 * max(r["batch_stats_mse"], 1e-3)]
+        append_jsonl({"checkpoint": path, "sha256": teacher.sha256, "step": teacher.checkpoint.get("step"),
+                      "per_t": rows, "outlier_t": [r["t"] for r in outliers], "n": a.n,
+                      "machine": machine_description(), "command": "python " + " ".join(sys.argv)}, a.record)
+        worst = max(rows, key=lambda r: r["eval_mse"])
+        print(f"{path}: t in [{a.per_t[0]}, {a.per_t[1]}): eval-mode epsilon MSE > 10x batch-statistics at "
+              f"{len(outliers)} timesteps {[r['t'] for r in outliers]}; worst t={worst['t']}: eval "
+              f"{worst['eval_mse']:.4f} vs batch statistics {worst['batch_stats_mse']:.4f}")
 
 
 if __name__ == "__main__":

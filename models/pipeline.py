@@ -23,11 +23,11 @@ STAGES = ("generate", "train", "extract", "attribute")
 PRESETS = {
     # Sized for a 2-core CPU in under 10 minutes with the shipped teacher (measured in README).
     "demo": {"n_pairs": 1000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 250, "epochs": 25, "train_batch": 64,
-             "lr": 1e-3,
+             "lr": 1e-3, "perceptual_weight": 0.05,
              "encoder_steps": 300, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # The 60k-scale run for a GPU.
     "full": {"n_pairs": 60000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 1000, "epochs": 50, "train_batch": 128,
-             "lr": 1e-4,
+             "lr": 1e-4, "perceptual_weight": 0.05,
              "encoder_steps": 3000, "feature_batch": 1000, "n_attr": 36, "n_eval": 1000},
 }
 
@@ -40,7 +40,8 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
                           output_dir=str(out / "data"), steps=p["ddim_steps"], cpu=cpu)
     train = StudentTrainOptions(ddpm_ckpt=teacher, data_path=str(out / "data" / "training_data.pt"),
                                 output_dir=str(out / "student"), epochs=p["epochs"], batch_size=p["train_batch"],
-                                lr=p["lr"], classifier=classifier, cpu=cpu)
+                                lr=p["lr"], perceptual_weight=p["perceptual_weight"], classifier=classifier,
+                                cpu=cpu)
     feats = FeatureOptions(ddpm_ckpt=teacher, decoder_ckpt=str(out / "student" / "best_model.pt"),
                            batch_size=p["feature_batch"], output_path=str(out / "reference_features.pt"),
                            encoder_steps=p["encoder_steps"], cpu=cpu)

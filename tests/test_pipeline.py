@@ -11,11 +11,11 @@ import models.attribution
 import models.evaluate
 import models.features
 import models.pipeline
-from helpers import use_cached_mnist5k
+from helpers import load_pt, use_cached_mnist5k
 from models.pipeline import STAGES, run_pipeline
 
 TINY = {"n_pairs": 60, "ddim_steps": 5, "gen_batch": 8, "epochs": 2, "train_batch": 8, "lr": 1e-3,
-        "encoder_steps": 3, "feature_batch": 1000, "n_attr": 4, "n_eval": 8}
+        "perceptual_weight": 0.05, "encoder_steps": 3, "feature_batch": 1000, "n_attr": 4, "n_eval": 8}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def test_every_stage_ran_and_wrote_its_product(tiny_run):
                     "report.md", "pipeline_state.json"):
         assert (out / product).is_file(), product
     assert json.loads((out / "pipeline_state.json").read_text()) == state
+    assert load_pt(out / "student" / "best_model.pt")["config"]["options"]["perceptual_weight"] == 0.05
 
 
 def test_report_shows_times_numbers_and_existing_figures(tiny_run):

@@ -25,7 +25,7 @@ SCHEDULE_KEYS = ("betas", "alphas", "alphas_cumprod", "sqrt_alphas_cumprod", "sq
 ALL_OPTIONS = ("--dataset", "--download", "--output_dir", "--epochs", "--steps", "--batch_size", "--lr",
                "--model_base_dim", "--dim_mults", "--timesteps", "--model_ema_steps", "--model_ema_decay", "--seed",
                "--save_every", "--keep_last", "--n_samples", "--sample_steps", "--log_every", "--threads", "--cpu",
-               "--dry-run", "--resume", "--init_from", "--time_embedding_init")
+               "--dry-run", "--resume", "--init_from", "--time_embedding_init", "--freeze_batchnorm")
 
 
 @pytest.fixture
@@ -224,3 +224,20 @@ def test_sinusoidal_time_embedding_init(tmp_path, tiny_teacher_ckpt, train_cli, 
     assert (learned - table).abs().max() < 1e-4  # 8 steps at lr 1e-7 move it by ~1e-6
     assert (load_teacher(tiny_teacher_ckpt).diffusion.model.time_embedding.weight - table).abs().max() > 0.5
     assert load_pt(out / "steps_00000008.pt")["config"]["options"]["time_embedding_init"] == "sinusoidal"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_batchnorm_keeps_running_statistics(freeze, tmp_path, tiny_teacher_ckpt, train_cli, in_process):
+    """--freeze_batchnorm trains the weights with BatchNorm's running statistics fixed (as sampling runs it)."""
+    out = tmp_path / "leg"
+    args = ["--init_from", str(tiny_teacher_ckpt), "--steps", "8", "--save_every", "8", "--lr", "1e-3",
+            "--batch_size", "16", "--cpu", "--output_dir", out] + (["--freeze_batchnorm"] if freeze else [])
+    code, _, err = in_process(args)
+    assert code == 0, err
+    before, after = load_pt(tiny_teacher_ckpt)["model"], load_pt(out / "steps_00000008.pt")["model"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in before if k.endswith("weight") and "time_embedding" not in k]
+    assert stats and weights
+    assert all(torch.equal(before[k], after[k]) for k in stats) == freeze
+    assert sum(not torch.equal(before[k], after[k]) for k in weights) > len(weights) // 2  # it did train
+    assert load_pt(out / "steps_00000008.pt")["config"]["options"]["freeze_batchnorm"] == freeze
