@@ -2,7 +2,7 @@
 
 from models.cli import ArgumentParser, add_common, options_from_args
 from models.io import run_cli
-from models.train_student import StudentTrainOptions, train_student
+from models.train_student import StudentTrainOptions, evaluate_only, train_student
 
 
 def main():
@@ -36,9 +36,17 @@ def main():
                    help="GPU arithmetic (ignored on CPU, which always runs fp32)")
     p.add_argument("--no_evaluate", dest="evaluate", action="store_false",
                    help="skip the evaluation (evaluation.json) at the end")
+    p.add_argument("--evaluate_only", metavar="CKPT", default="",
+                   help="no training: evaluate this student checkpoint (e.g. OUTPUT_DIR/best_model.pt) with "
+                        "--ddpm_ckpt on the validation split of --data_path, write OUTPUT_DIR/evaluation.json "
+                        "(default: off)")
     add_common(p, resume=True)
     args = p.parse_args()
-    train_student(options_from_args(StudentTrainOptions, args), resume=args.resume, dry_run=args.dry_run)
+    opts = options_from_args(StudentTrainOptions, args)
+    if args.evaluate_only:
+        evaluate_only(opts, args.evaluate_only, dry_run=args.dry_run)
+    else:
+        train_student(opts, resume=args.resume, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

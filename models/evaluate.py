@@ -8,12 +8,14 @@ import torch
 from .checkpoint import load_teacher
 from .classifier import load_classifier
 from .data import load_dataset
-from .io import DEFAULT_CLASSIFIER, atomic_write_json, pick_device, software_versions
+from .io import DEFAULT_CLASSIFIER, atomic_write_json, pick_device, sha256_file, software_versions
 from .metrics import image_quality_report
 from .noise import per_sample_noise
 from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, teacher_sample
 from .student import check_pairing, load_student
 from .train_student import load_training_pairs, student_split
+
+CONFIDENT = 0.9  # the teacher bar's confidence level
 
 
 def shuffled_real_images(source: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -53,6 +55,7 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     student = load_student(decoder_ckpt, device)
     check_pairing(student, teacher.sha256, ddpm_ckpt)
     data = load_training_pairs(data_path)
+    data_sha256 = sha256_file(data_path)
     val_idx = torch.as_tensor(_val_indices(student.checkpoint, data["noise"].shape[0]))
     noise, teacher_images = data["noise"][val_idx].to(device), data["images"][val_idx].to(device)
     student_images = _batched(lambda z: student.decoder(z).float().clamp(-1, 1), noise, batch_size)
@@ -63,8 +66,10 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     half = real.shape[0] // 2
     real_q = image_quality_report(real[:half], classifier, real[half:])
     with torch.inference_mode():
-        agree = (_batched(classifier, student_images, batch_size).argmax(1) ==
-                 _batched(classifier, teacher_images, batch_size).argmax(1)).float().mean().item()
+        teacher_logits = _batched(classifier, teacher_images, batch_size)
+        agreeing = _batched(classifier, student_images, batch_size).argmax(1) == teacher_logits.argmax(1)
+        confident = teacher_logits.softmax(1).amax(1) >= CONFIDENT
+    agree = agreeing.float().mean().item()
     meta = data.get("metadata", {})
     k = int(meta.get("steps", DEFAULT_DDIM_STEPS)) if meta.get("sampler") == "ddim" else DEFAULT_DDIM_STEPS
     z = per_sample_noise(12345, range(speed_batch), device=device)
@@ -75,6 +80,12 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
         "n_val": int(len(val_idx)),
         "val_mse_to_teacher": torch.mean((student_images - teacher_images) ** 2).item(),
         "class_agreement_student_teacher": agree,
+        # The teacher's own ambiguous images (scribbles) have no class for the student to agree with.
+        "class_agreement_where_teacher_confident": {
+            "confidence_at_least": CONFIDENT, "share_of_pairs": confident.float().mean().item(),
+            "agreement": agreeing[confident].float().mean().item() if confident.any() else None},
+        "training_data": {"path": str(data_path), "sha256": data_sha256,
+                          "is_the_students": data_sha256 == student.checkpoint.get("training_data", {}).get("sha256")},
         "frechet_distance": {"student_vs_real": student_q["frechet_distance"],
                              "teacher_vs_real": teacher_q["frechet_distance"],
                              "real_half_vs_real_half": real_q["frechet_distance"]},
@@ -95,10 +106,17 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     atomic_write_json(report, output_path)
     fd = report["frechet_distance"]
     print(f"evaluation ({report['n_val']} val pairs): MSE to teacher {report['val_mse_to_teacher']:.4f}, "
-          f"class agreement {agree:.1%}, FD student {fd['student_vs_real']:.2f} / teacher {fd['teacher_vs_real']:.2f}"
+          f"class agreement {agree:.1%} ({_confident_summary(report)}), FD student {fd['student_vs_real']:.2f} / teacher {fd['teacher_vs_real']:.2f}"
           f" / real {fd['real_half_vs_real_half']:.2f}, student {report['speed'][f'speedup_vs_ddim{k}']:.0f}x faster "
           f"than DDIM-{k} -> {output_path}")
     return report
+
+
+def _confident_summary(report: dict) -> str:
+    c = report["class_agreement_where_teacher_confident"]
+    agreement = "-" if c["agreement"] is None else f"{c['agreement']:.1%}"
+    return f"{agreement} where the teacher's image has confidence >= {c['confidence_at_least']}, " \
+           f"{c['share_of_pairs']:.0%} of pairs"
 
 
 def _val_indices(student_ckpt: dict, n: int) -> list[int]:

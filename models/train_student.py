@@ -234,6 +234,22 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     return summary
 
 
+def evaluate_only(opts: StudentTrainOptions, decoder_ckpt: str, dry_run: bool = False) -> dict:
+    """The end-of-training evaluation as its own command, for any student checkpoint."""
+    from .evaluate import evaluate_student_checkpoint
+    out = Path(opts.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"output directory {out} exists and is a file; choose another --output_dir")
+    if dry_run:
+        plan = {"evaluate": decoder_ckpt, "ddpm_ckpt": opts.ddpm_ckpt, "data_path": opts.data_path,
+                "output": str(out / "evaluation.json"), "classifier": opts.classifier}
+        print(json.dumps(plan, indent=2))
+        return plan
+    out.mkdir(parents=True, exist_ok=True)
+    return evaluate_student_checkpoint(opts.ddpm_ckpt, decoder_ckpt, opts.data_path, out / "evaluation.json",
+                                       cpu=opts.cpu, classifier_path=opts.classifier)
+
+
 @torch.no_grad()
 def evaluate_loss(model, noise, images, batch_size, device, precision) -> float:
     model.eval()

@@ -317,6 +317,24 @@ def test_evaluation_report(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
     assert report["speed"]["student_images_per_s"] > 0
     assert report["teacher"]["sha256"] == sha256(tiny_teacher_ckpt)
     assert "evaluation" in stdout
+    confident = report["class_agreement_where_teacher_confident"]
+    assert confident["confidence_at_least"] == 0.9 and 0.0 <= confident["share_of_pairs"] <= 1.0
+    assert (confident["agreement"] is None) == (confident["share_of_pairs"] == 0.0)
+    assert report["training_data"]["is_the_students"] is True
+
+    # The same evaluation as its own command, on the same checkpoint: the same numbers (speed aside).
+    again = tmp_path / "again"
+    code, stdout, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir", again,
+                              "--evaluate_only", out / "best_model.pt", "--cpu")
+    assert code == 0, err[-3000:]
+    rerun = json.loads((again / "evaluation.json").read_text())
+    for key in ("val_mse_to_teacher", "class_agreement_student_teacher", "class_agreement_where_teacher_confident",
+                "frechet_distance", "student", "teacher", "training_data"):
+        assert rerun[key] == report[key], key
+    assert not list(again.glob("*.pt")), "--evaluate_only must not train"
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir", again,
+                         "--evaluate_only", tmp_path / "missing.pt", "--cpu")
+    assert code == 2 and "missing.pt" in one_error_line(err)
 
 
 def test_batchnorm_recalibration_gives_exact_statistics():
