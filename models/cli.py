@@ -21,10 +21,11 @@ def options_from_args(cls, args: argparse.Namespace):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except for on/off flags, where "(default: True)" on --no_x would mislead."""
+    """Shows each option's default, except for on/off flags, where "(default: True)" on --no_x would mislead, and
+    where the help already words its default (an empty path reads better as "off")."""
 
     def _get_help_string(self, action):
-        if action.nargs == 0:
+        if action.nargs == 0 or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
