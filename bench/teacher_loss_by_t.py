@@ -21,6 +21,7 @@ from models.checkpoint import load_teacher  # noqa: E402
 from models.cli import ArgumentParser  # noqa: E402
 from models.data import load_dataset  # noqa: E402
 from models.io import append_jsonl, machine_description  # noqa: E402
+from models.unet import batchnorm_layers  # noqa: E402
 
 BANDS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 850), (850, 950), (950, 1000)]
 
@@ -39,7 +40,7 @@ def loss_by_band(diffusion, images: torch.Tensor, seed: int = 123) -> list[float
 @torch.inference_mode()
 def loss_per_t(diffusion, images: torch.Tensor, t_range: range, per_batch: int = 8, batch: int = 64,
                seed: int = 123) -> list[dict]:
-    norms = [m for m in diffusion.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(diffusion)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.momentum = 0.0  # batch statistics in train mode, running statistics left untouched

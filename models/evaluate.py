@@ -106,7 +106,8 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     atomic_write_json(report, output_path)
     fd = report["frechet_distance"]
     print(f"evaluation ({report['n_val']} val pairs): MSE to teacher {report['val_mse_to_teacher']:.4f}, "
-          f"class agreement {agree:.1%} ({_confident_summary(report)}), FD student {fd['student_vs_real']:.2f} / teacher {fd['teacher_vs_real']:.2f}"
+          f"class agreement {agree:.1%} ({_confident_summary(report)}), "
+          f"FD student {fd['student_vs_real']:.2f} / teacher {fd['teacher_vs_real']:.2f}"
           f" / real {fd['real_half_vs_real_half']:.2f}, student {report['speed'][f'speedup_vs_ddim{k}']:.0f}x faster "
           f"than DDIM-{k} -> {output_path}")
     return report

@@ -20,7 +20,7 @@ from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, lo
 from .noise import per_sample_noise, step_generator
 from .plots import plot_metric_curves
 from .sampling import teacher_sample
-from .unet import sinusoidal_table
+from .unet import batchnorm_layers, sinusoidal_table
 
 TIME_EMBEDDING_INITS = ("random", "sinusoidal")
 CHECKPOINT_RE = re.compile(r"steps_(\d{8})\.pt$")
@@ -76,9 +76,8 @@ def train_mode(diffusion: torch.nn.Module, freeze_batchnorm: bool) -> None:
     """
     diffusion.train()
     if freeze_batchnorm:
-        for module in diffusion.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        for norm in batchnorm_layers(diffusion):
+            norm.eval()
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -204,7 +203,6 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
             run_loss, run_n = 0.0, 0
         if step % per_epoch == 0 or step == total:
             _sample_grid(ema.module, grid_noise, opts.sample_steps, out / f"steps_{step:08d}.png")
-            train_mode(diffusion, opts.freeze_batchnorm)
         if step % opts.save_every == 0 or step == total:
             _save(out, step, diffusion, ema, optimizer, scheduler, resolved, data.source)
             for old in list_checkpoints(out)[:-opts.keep_last]:

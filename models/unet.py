@@ -171,6 +171,10 @@ class Unet(nn.Module):
         return self.decode(h, shortcuts, t_emb)
 
 
+def batchnorm_layers(model: torch.nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
     """Recomputes BatchNorm running statistics as exact averages over ``inputs`` (deterministic, in place).
@@ -179,7 +183,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_si
     averaged weights; where a channel is constant (the zeroed skips' halves) the variance is ~0 and any lag is
     amplified ~300x in eval mode. Evaluating and saving with recalibrated statistics removes both errors.
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(model)
     if not norms or inputs.shape[0] == 0:
         return
     momenta = [m.momentum for m in norms]
