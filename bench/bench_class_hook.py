@@ -15,10 +15,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.api import DirectDecoderPipeline  # noqa: E402
-from models.classifier import load_classifier  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
-from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device  # noqa: E402
+from bench.common import load_pipeline, pipeline_parser  # noqa: E402
+from models.io import append_jsonl, machine_description  # noqa: E402
 
 
 def nearest_member_hook(members: torch.Tensor, strength: float):
@@ -33,20 +31,11 @@ def nearest_member_hook(members: torch.Tensor, strength: float):
 
 @torch.inference_mode()
 def main():
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("--ddpm_ckpt", required=True, help="teacher checkpoint")
-    p.add_argument("--decoder_ckpt", required=True, help="student checkpoint")
-    p.add_argument("--ref_features_path", required=True, help="extract_reference_features.py output")
+    p = pipeline_parser(__doc__, "bench/results/class_hook.jsonl")
     p.add_argument("--label", type=int, default=3, help="target class")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9, 1.0], help="hook strengths")
-    p.add_argument("--n", type=int, default=256, help="generations per strength")
-    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
-    p.add_argument("--record", default="bench/results/class_hook.jsonl", help="append results here")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
     a = p.parse_args()
-    device = pick_device(a.cpu)
-    pipe = DirectDecoderPipeline.load(a.ddpm_ckpt, a.decoder_ckpt, a.ref_features_path, device=device)
-    classifier = load_classifier(a.classifier, device)
+    pipe, classifier = load_pipeline(a)
     ref, labels = pipe.steering.features, pipe.steering.labels
     members = ref[(labels == a.label).to(ref.device)]
 

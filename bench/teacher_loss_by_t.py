@@ -21,7 +21,7 @@ from models.checkpoint import load_teacher  # noqa: E402
 from models.cli import ArgumentParser  # noqa: E402
 from models.data import load_dataset  # noqa: E402
 from models.io import append_jsonl, machine_description  # noqa: E402
-from models.unet import batchnorm_layers  # noqa: E402
+from models.unet import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
 
 BANDS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 850), (850, 950), (950, 1000)]
 
@@ -79,12 +79,14 @@ def main():
     p.add_argument("--n", type=int, default=512, help="held-out images (a fixed random subset of mnist5k)")
     p.add_argument("--per_t", type=int, nargs=2, metavar=("LO", "HI"), default=None,
                    help="every timestep in [LO, HI): eval-mode vs batch-statistics error (default: off, bands)")
+    p.add_argument("--recalibrate_batches", type=int, default=0,
+                   help="with --per_t: also measure after exact BatchNorm statistics over N batches of 64 (0: off)")
     p.add_argument("--record", default="bench/results/teacher_loss_by_t.jsonl", help="append results here")
     a = p.parse_args()
     data = load_dataset("mnist5k", "train")
     images = data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:a.n]]
     if a.per_t:
-        return per_t_main(a, images)
+        return per_t_main(a, images, data.images)
     print("checkpoint".ljust(48) + "".join(f"{lo}-{hi}".rjust(10) for lo, hi in BANDS) + "  emb cos  emb norm")
     for path in a.checkpoints:
         teacher = load_teacher(path, "cpu")
@@ -98,18 +100,52 @@ def main():
               + f"{embedding['neighbour_cosine_mean']:9.3f}{embedding['row_norm_mean']:10.2f}")
 
 
-def per_t_main(a, images: torch.Tensor) -> None:
+def embedding_rows(diffusion, ts: list[int]) -> dict:
+    rows = diffusion.model.time_embedding.weight.detach().float()
+    cosine = torch.nn.functional.cosine_similarity(rows[1:], rows[:-1], dim=1)
+    return {t: {"norm": rows[t].norm().item(), "cosine_to_previous": cosine[t - 1].item()} for t in ts if t > 0}
+
+
+def recalibrated(diffusion, train_images: torch.Tensor, n_batches: int, batch: int = 64, seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    n = n_batches * batch
+    idx = torch.randint(0, train_images.shape[0], (n,), generator=gen)
+    t = torch.randint(0, diffusion.timesteps, (n,), generator=gen)
+    noise = torch.randn((n, *train_images.shape[1:]), generator=gen)
+    with torch.inference_mode():
+        recalibrate_batchnorm(diffusion, torch.arange(n), batch,
+                              forward=lambda i: diffusion(train_images[idx[i]], noise[i], t[i]))
+    return diffusion.eval()
+
+
+def per_t_main(a, images: torch.Tensor, train_images: torch.Tensor) -> None:
     for path in a.checkpoints:
         teacher = load_teacher(path, "cpu")
-        rows = loss_per_t(teacher.diffusion, images, range(*a.per_t))
-        outliers = [r for r in rows if r["eval_mse"] > 10 * max(r["batch_stats_mse"], 1e-3)]
-        append_jsonl({"checkpoint": path, "sha256": teacher.sha256, "step": teacher.checkpoint.get("step"),
-                      "per_t": rows, "outlier_t": [r["t"] for r in outliers], "n": a.n,
-                      "machine": machine_description(), "command": "python " + " ".join(sys.argv)}, a.record)
+        t_range = range(*a.per_t)
+        rows = loss_per_t(teacher.diffusion, images, t_range)
+        outliers = [r["t"] for r in rows if r["eval_mse"] > 10 * max(r["batch_stats_mse"], 1e-3)]
+        embedding = embedding_rows(teacher.diffusion, list(t_range))
+        record = {"checkpoint": path, "sha256": teacher.sha256, "step": teacher.checkpoint.get("step"),
+                  "per_t": rows, "outlier_t": outliers, "n": a.n,
+                  "embedding_rows_outliers": {t: embedding[t] for t in outliers if t in embedding},
+                  "embedding_rows_range": {key: [min(e[key] for e in embedding.values()),
+                                                 max(e[key] for e in embedding.values())]
+                                           for key in ("norm", "cosine_to_previous")}}
         worst = max(rows, key=lambda r: r["eval_mse"])
         print(f"{path}: t in [{a.per_t[0]}, {a.per_t[1]}): eval-mode epsilon MSE > 10x batch-statistics at "
-              f"{len(outliers)} timesteps {[r['t'] for r in outliers]}; worst t={worst['t']}: eval "
-              f"{worst['eval_mse']:.4f} vs batch statistics {worst['batch_stats_mse']:.4f}")
+              f"{len(outliers)} timesteps {outliers}; worst t={worst['t']}: eval "
+              f"{worst['eval_mse']:.4f} vs batch statistics {worst['batch_stats_mse']:.4f}; embedding rows over "
+              f"the range: norm {record['embedding_rows_range']['norm']}, cosine to t-1 "
+              f"{record['embedding_rows_range']['cosine_to_previous']}")
+        if a.recalibrate_batches:
+            after = loss_per_t(recalibrated(teacher.diffusion, train_images, a.recalibrate_batches), images,
+                               [worst["t"]])[0]
+            record["after_recalibration"] = {"batches": a.recalibrate_batches, "t": worst["t"],
+                                             "eval_mse": after["eval_mse"]}
+            print(f"  after exact BatchNorm statistics over {a.recalibrate_batches} batches: t={worst['t']} eval "
+                  f"{after['eval_mse']:.4f}")
+        append_jsonl(record | {"machine": machine_description(), "command": "python " + " ".join(sys.argv)},
+                     a.record)
 
 
 if __name__ == "__main__":

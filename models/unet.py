@@ -176,12 +176,14 @@ def batchnorm_layers(model: torch.nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
+def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int,
+                          forward: Optional[Callable[[torch.Tensor], object]] = None) -> None:
     """Recomputes BatchNorm running statistics as exact averages over ``inputs`` (deterministic, in place).
 
     The statistics a model carries lag its weights, and the EMA's averaged statistics do not belong to its
     averaged weights; where a channel is constant (the zeroed skips' halves) the variance is ~0 and any lag is
     amplified ~300x in eval mode. Evaluating and saving with recalibrated statistics removes both errors.
+    ``forward`` runs one slice of ``inputs`` (default: ``model(slice)``), for models that take more than one input.
     """
     norms = batchnorm_layers(model)
     if not norms or inputs.shape[0] == 0:
@@ -192,8 +194,9 @@ def recalibrate_batchnorm(model: torch.nn.Module, inputs: torch.Tensor, batch_si
         m.momentum = None  # cumulative average
     was_training = model.training
     model.train()
+    forward = forward or model
     for start in range(0, inputs.shape[0], batch_size):
-        model(inputs[start:start + batch_size])
+        forward(inputs[start:start + batch_size])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)

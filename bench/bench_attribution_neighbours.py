@@ -1,0 +1,61 @@
+"""Is low attribution label agreement the neighbour rule's fault or the generations'? Top-1 label agreement (the
+classifier's label of a generation vs its nearest training image's label) under several neighbour rules, on all
+generations and on those the classifier is confident about (>= 0.9).
+
+    python bench/bench_attribution_neighbours.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
+        --decoder_ckpt runs/s5/student/best_model.pt --ref_features_path runs/s5/reference_features.pt --cpu
+
+The generations are attribution_generation.py's evaluation set (seed 1, the first N latents).
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import load_pipeline, pipeline_parser  # noqa: E402
+from models.attribution import top_k_similar  # noqa: E402
+from models.data import load_dataset  # noqa: E402
+from models.io import append_jsonl, machine_description  # noqa: E402
+
+
+def nearest_by_l2(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(query.flatten(1).float(), reference.flatten(1).float()).argmin(1)
+
+
+def nearest_by_cosine(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return top_k_similar(query, reference, 1)[1][:, 0]
+
+
+@torch.inference_mode()
+def main():
+    a = pipeline_parser(__doc__, "bench/results/attribution_neighbours.jsonl").parse_args()
+    pipe, classifier = load_pipeline(a)
+    meta = pipe.reference["metadata"]
+    real = load_dataset(meta["dataset"], meta.get("split", "train")).images[pipe.reference["indices"]].to(pipe.device)
+    out = pipe.generate(a.n, seed=1)
+    logits = classifier(out.images)
+    label, confident = logits.argmax(1).cpu(), logits.softmax(1).amax(1).cpu() >= 0.9
+    ref, ref_labels = pipe.steering.features.float(), pipe.steering.labels
+    mean = ref.mean(0, keepdim=True)
+    rules = {"bottleneck cosine (shipped)": nearest_by_cosine(out.features, ref),
+             "bottleneck cosine, centred": nearest_by_cosine(out.features - mean, ref - mean),
+             "bottleneck L2": nearest_by_l2(out.features, ref),
+             "pixel cosine (shipped baseline)": nearest_by_cosine(out.images, real),
+             "pixel L2": nearest_by_l2(out.images, real)}
+    result = {"n": a.n, "confident_share": confident.float().mean().item(), "top1_agreement": {}}
+    print(f"{'neighbour rule':34s} {'all':>6s} {'confident':>10s}")
+    for name, idx in rules.items():
+        hit = (ref_labels[idx.cpu()] == label).float()
+        result["top1_agreement"][name] = {"all": hit.mean().item(), "confident": hit[confident].mean().item()}
+        print(f"{name:34s} {hit.mean().item():6.1%} {hit[confident].mean().item():10.1%}")
+    result.update({"decoder": a.decoder_ckpt, "features": a.ref_features_path, "machine": machine_description(),
+                   "command": "python " + " ".join(sys.argv)})
+    append_jsonl(result, a.record)
+    print(json.dumps({"confident_share": result["confident_share"]}))
+
+
+if __name__ == "__main__":
+    main()
