@@ -34,6 +34,10 @@ def main():
                         "the teacher's skip connections (closer to the teacher, but hooks barely steer)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=d.precision,
                    help="GPU arithmetic (ignored on CPU, which always runs fp32)")
+    p.add_argument("--init_from", metavar="CKPT", default=d.init_from,
+                   help="start from this student checkpoint's weights and EMA under a new schedule (to train a "
+                        "finished student longer or on new pairs from the same teacher); its architecture "
+                        "overrides --skips; epochs so far are recorded as epochs_before (default: off)")
     p.add_argument("--no_evaluate", dest="evaluate", action="store_false",
                    help="skip the evaluation (evaluation.json) at the end")
     p.add_argument("--evaluate_only", metavar="CKPT", default="",

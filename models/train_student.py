@@ -5,7 +5,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_json
 from .optim import warmup_cosine
 from .plots import plot_metric_curves
 from .sampling import autocast_for, configure_precision
-from .student import SKIP_MODES, DirectDecoder
+from .student import SKIP_MODES, DirectDecoder, check_pairing, load_student
 from .unet import recalibrate_batchnorm
 
 EPOCH_RE = re.compile(r"ckpt_epoch_(\d{3,})\.pt$")
@@ -51,6 +51,7 @@ class StudentTrainOptions:
     precision: str = "bf16"     # CUDA only
     cpu: bool = False
     evaluate: bool = True
+    init_from: str = ""         # continue a finished student (weights and EMA) under a new schedule / on new pairs
 
 
 def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
@@ -103,6 +104,19 @@ def _validate(opts: StudentTrainOptions) -> None:
         raise PipelineError(f"--ema_decay must be in [0, 1), got {opts.ema_decay}")
 
 
+def _load_init(opts: StudentTrainOptions, teacher, device):
+    """The student to continue: it must come from the same teacher (its architecture then follows)."""
+    init = load_student(opts.init_from, device)
+    check_pairing(init, teacher.sha256, opts.ddpm_ckpt)
+    return init
+
+
+def _epochs_so_far(ckpt: dict) -> int:
+    """Epochs behind a checkpoint, counting the legs it was itself continued from."""
+    earlier = (ckpt.get("config") or {}).get("init_from") or {}
+    return int(ckpt.get("epoch", 0)) + int(earlier.get("epochs_before", 0))
+
+
 class DistillationLoss:
     """Pixel loss (MSE or Huber) plus an optional perceptual term in the project classifier's feature space."""
 
@@ -139,6 +153,10 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     n = data["noise"].shape[0]
     if n < 2:
         raise PipelineError(f"{opts.data_path} holds {n} pair(s); need at least 2 for a train/validation split")
+    init = _load_init(opts, teacher, device) if opts.init_from else None
+    if init is not None and init.decoder.skips != opts.skips:
+        print(f"--init_from {init.path} has skips={init.decoder.skips!r}; its architecture overrides --skips")
+        opts = replace(opts, skips=init.decoder.skips)
     train_idx, val_idx = student_split(n, opts.val_fraction, opts.seed)
     per_epoch = math.ceil(len(train_idx) / opts.batch_size)
     total = per_epoch * opts.epochs
@@ -146,7 +164,9 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                 "steps_per_epoch": per_epoch, "total_steps": total, "device": str(device),
                 "teacher": {"path": teacher.path, "sha256": teacher.sha256, "weights": teacher.weights},
                 "training_data": {"path": str(opts.data_path), "sha256": sha256_file(opts.data_path),
-                                  "metadata": meta}}
+                                  "metadata": meta},
+                "init_from": None if init is None else {"path": init.path, "sha256": init.sha256,
+                                                        "epochs_before": _epochs_so_far(init.checkpoint)}}
     if dry_run:
         print(json.dumps(resolved, indent=2, default=str))
         return resolved
@@ -154,6 +174,9 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     torch.manual_seed(opts.seed)
     student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips).to(device)
     ema = make_student_ema(student, opts.ema_decay)
+    if init is not None:
+        student.load_state_dict(init.checkpoint["model"])
+        ema.load_state_dict(init.checkpoint["model_ema"])
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
     loss_fn = DistillationLoss(opts, device)

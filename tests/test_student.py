@@ -244,6 +244,43 @@ def test_rerun_without_resume_is_refused(tiny_student, tiny_teacher_ckpt, tiny_p
     assert {p.name: sha256(p) for p in work.iterdir()} == before
 
 
+# ---------------------------------------------------------------- continuing a finished student
+
+def test_init_from_continues_a_finished_student(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
+    """A new leg starts from the finished student's weights (not the teacher's) and records where it came from."""
+    leg = ["--data_path", tiny_pairs, "--epochs", 1, "--batch_size", 8, "--lr", "1e-12", "--cpu", "--no_evaluate"]
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--output_dir", tmp_path / "leg", "--init_from",
+                         tiny_student, *leg)
+    assert code == 0, err[-3000:]
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--output_dir", tmp_path / "fresh", *leg)
+    assert code == 0, err[-3000:]
+    init, cont = load_pt(tiny_student), load_pt(tmp_path / "leg" / "ckpt_epoch_001.pt")
+    fresh = load_pt(tmp_path / "fresh" / "ckpt_epoch_001.pt")
+    for name, weight in init["model"].items():
+        if "running_" not in name and weight.is_floating_point():  # lr 1e-12: the weights stay where they were
+            assert torch.allclose(cont["model"][name], weight, atol=1e-6), name
+    assert abs(cont["val_loss"] - init["val_loss"]) < 0.05 * init["val_loss"]
+    # Not vacuous: the same leg without --init_from starts from the teacher's weights, which are not these.
+    name = "unet.final_conv.weight"
+    assert (fresh["model"][name] - cont["model"][name]).abs().max() > 1e-4
+    record = json.loads((tmp_path / "leg" / "training_options.json").read_text())["init_from"]
+    assert record == {"path": str(tiny_student), "sha256": sha256(tiny_student), "epochs_before": 2}
+    assert cont["config"]["init_from"]["epochs_before"] == 2
+
+
+def test_init_from_another_teachers_student_is_refused(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path,
+                                                        train):
+    other = load_pt(tiny_student)
+    other["teacher"]["sha256"] = "0" * 64
+    torch.save(other, tmp_path / "other.pt")
+    args = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--epochs", 1, "--cpu", "--no_evaluate"]
+    code, _, err = train(*args, "--output_dir", tmp_path / "out", "--init_from", tmp_path / "other.pt")
+    assert code == 1 and "teacher" in one_error_line(err, allow_progress=True)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.pt"))
+    code, _, err = train(*args, "--output_dir", tmp_path / "out", "--init_from", tmp_path / "missing.pt")
+    assert code == 2 and "missing.pt" in one_error_line(err, allow_progress=True)
+
+
 # ---------------------------------------------------------------- bad inputs
 
 def _write_pairs(src: Path, dst: Path, edit) -> Path:
