@@ -26,6 +26,7 @@ def main():
     p.add_argument("--n", type=int, default=1000, help="samples")
     p.add_argument("--steps", type=int, default=DEFAULT_DDIM_STEPS, help="DDIM steps")
     p.add_argument("--spacing", default=DEFAULT_SPACING, help="DDIM spacing")
+    p.add_argument("--no_clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] at each step")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
     p.add_argument("--out", required=True, help="JSON report; the grid goes beside it as .png")
     p.add_argument("--cpu", action="store_true", help="force CPU")
@@ -33,14 +34,15 @@ def main():
     device = pick_device(a.cpu)
     teacher = load_teacher(a.ckpt, device)
     start = time.perf_counter()
-    images = sample_teacher_images(teacher.diffusion, a.n, "ddim", a.steps, a.spacing, device=device)
+    images = sample_teacher_images(teacher.diffusion, a.n, "ddim", a.steps, a.spacing, device=device,
+                                   clip_x0=not a.no_clip)
     sample_s = time.perf_counter() - start
     classifier = load_classifier(a.classifier, device)
     source = evaluation_source(teacher.checkpoint.get("data_source"))
     real = shuffled_real_images(source, 2 * a.n, seed=1)
     report = image_quality_report(images, classifier, real[:a.n])
     reference = image_quality_report(real[a.n:], classifier, real[:a.n])
-    result = {"checkpoint": a.ckpt, "sha256": teacher.sha256, "sampler": f"ddim K={a.steps} ({a.spacing}), eta 0",
+    result = {"checkpoint": a.ckpt, "sha256": teacher.sha256, "sampler": f"ddim K={a.steps} ({a.spacing}), eta 0{', x0 not clipped' if a.no_clip else ''}",
               "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "sampling_s": round(sample_s, 1),
               "machine": machine_description(), "versions": software_versions(),
               "command": "python " + " ".join(sys.argv)}

@@ -64,6 +64,12 @@ def class_histogram(logits: torch.Tensor) -> list[float]:
     return (counts.double() / max(len(logits), 1)).tolist()
 
 
+def mean_class_probability(logits: torch.Tensor) -> list[float]:
+    """The classifier's mean softmax per class: beside the argmax shares it tells a class the generator rarely
+    draws (both low) from one it draws but the classifier will not name (shares low, probability not)."""
+    return logits.double().softmax(dim=1).mean(dim=0).tolist()
+
+
 @torch.inference_mode()
 def classifier_outputs(classifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits) on the CPU, computed in batches on the classifier's device."""
@@ -89,4 +95,5 @@ def image_quality_report(images: torch.Tensor, classifier, real_images: torch.Te
     precision, recall = knn_precision_recall(real_feats, feats, k)
     return {"frechet_distance": frechet_distance(feats, real_feats), "precision": precision, "recall": recall,
             "mean_confidence": float(logits.softmax(dim=1).amax(dim=1).mean()),
-            "class_shares": class_histogram(logits), "n": len(images), "n_real": len(real_images)}
+            "class_shares": class_histogram(logits), "mean_class_probability": mean_class_probability(logits),
+            "n": len(images), "n_real": len(real_images)}

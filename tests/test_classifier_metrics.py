@@ -9,7 +9,7 @@ from models.classifier import DEFAULT_PATH, MnistClassifier, load_classifier
 from models.data import load_dataset, split_indices
 from models.io import MissingInputError, PipelineError
 from models.metrics import (class_histogram, classifier_outputs, frechet_distance, image_quality_report,
-                            knn_precision_recall)
+                            knn_precision_recall, mean_class_probability)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,18 @@ def test_class_histogram_counts_argmax():
     assert shares[2] == 0.5 and shares[7] == 0.25 and shares[9] == 0.25
 
 
+def test_mean_class_probability_counts_what_argmax_drops():
+    # Two images split between classes 1 and 7 (the 7 wins both argmaxes) and one sure 3.
+    logits = torch.full((3, 10), -1e9)
+    logits[0, [1, 7]] = torch.tensor([0.0, math.log(3.0)])  # p = 0.25 / 0.75
+    logits[1, [1, 7]] = torch.tensor([0.0, math.log(3.0)])
+    logits[2, 3] = 0.0
+    probs = mean_class_probability(logits)
+    assert len(probs) == 10 and math.isclose(sum(probs), 1.0)
+    assert probs == pytest.approx([0, 0.5 / 3, 0, 1 / 3, 0, 0, 0, 1.5 / 3, 0, 0], abs=1e-7)
+    assert class_histogram(logits)[1] == 0.0
+
+
 def test_load_classifier_missing_file_names_the_fix(tmp_path):
     with pytest.raises(MissingInputError) as err:
         load_classifier(tmp_path / "nope.pt")
@@ -147,9 +159,10 @@ def test_image_quality_report_on_real_digits(shipped):
     classifier, data, _ = shipped
     half_a, half_b = split_indices(len(data), 0.5, seed=1)
     report = image_quality_report(data.images[half_a[:1000]], classifier, data.images[half_b[:1000]])
-    assert set(report) == {"frechet_distance", "precision", "recall", "mean_confidence", "class_shares", "n",
-                           "n_real"}
+    assert set(report) == {"frechet_distance", "precision", "recall", "mean_confidence", "class_shares",
+                           "mean_class_probability", "n", "n_real"}
     assert report["n"] == 1000 and report["n_real"] == 1000
     assert report["precision"] > 0.7 and report["recall"] > 0.7
     assert report["mean_confidence"] > 0.9
     assert len(report["class_shares"]) == 10 and all(0.05 < s < 0.15 for s in report["class_shares"])
+    assert all(0.05 < p < 0.15 for p in report["mean_class_probability"])
