@@ -42,7 +42,8 @@ def main():
     real = shuffled_real_images(source, 2 * a.n, seed=1)
     report = image_quality_report(images, classifier, real[:a.n])
     reference = image_quality_report(real[a.n:], classifier, real[:a.n])
-    result = {"checkpoint": a.ckpt, "sha256": teacher.sha256, "sampler": f"ddim K={a.steps} ({a.spacing}), eta 0{', x0 not clipped' if a.no_clip else ''}",
+    sampler = f"ddim K={a.steps} ({a.spacing}), eta 0" + (", x0 not clipped" if a.no_clip else "")
+    result = {"checkpoint": a.ckpt, "sha256": teacher.sha256, "sampler": sampler,
               "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "sampling_s": round(sample_s, 1),
               "machine": machine_description(), "versions": software_versions(),
               "command": "python " + " ".join(sys.argv)}
