@@ -1,6 +1,8 @@
 """Is low attribution label agreement the neighbour rule's fault or the generations'? Top-1 label agreement (the
 classifier's label of a generation vs its nearest training image's label) under several neighbour rules, on all
-generations and on those the classifier is confident about (>= 0.9).
+generations and on those the classifier is confident about (>= 0.9). Beside it, the same rule on images that are not
+the student's: the teacher's DDIM images of the same noises (through the stored image encoder), and the training
+images themselves, each against all the others (leave-one-out, against its own label).
 
     python bench/bench_attribution_neighbours.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
         --decoder_ckpt runs/s5/student/best_model.pt --ref_features_path runs/s5/reference_features.pt --cpu
@@ -29,6 +31,13 @@ def nearest_by_cosine(query: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     return top_k_similar(query, reference, 1)[1][:, 0]
 
 
+def leave_one_out_agreement(reference: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of reference rows whose nearest other row (cosine) has the same label: how class-coherent a space is."""
+    idx = top_k_similar(reference, reference, 2)[1].cpu()
+    other = torch.where(idx[:, 0] == torch.arange(len(idx)), idx[:, 1], idx[:, 0])
+    return (labels[other] == labels).float().mean().item()
+
+
 @torch.inference_mode()
 def main():
     a = pipeline_parser(__doc__, "bench/results/attribution_neighbours.jsonl").parse_args()
@@ -53,6 +62,17 @@ def main():
         print(f"{name:34s} {hit.mean().item():6.1%} {hit[confident].mean().item():10.1%}")
     result.update({"decoder": a.decoder_ckpt, "features": a.ref_features_path, "machine": machine_description(),
                    "command": "python " + " ".join(sys.argv)})
+    teacher_view = pipe.teacher_images(out.noise)
+    teacher_label = classifier(teacher_view).argmax(1).cpu()
+    teacher_rules = {"bottleneck cosine, image encoder": pipe.attribute_images(teacher_view, 1)[2][:, 0],
+                     "pixel cosine": nearest_by_cosine(teacher_view, real)}
+    result["teacher_images_top1_agreement"] = {
+        name: (ref_labels[idx.cpu()] == teacher_label).float().mean().item() for name, idx in teacher_rules.items()}
+    result["training_images_leave_one_out"] = {"bottleneck cosine": leave_one_out_agreement(ref, ref_labels),
+                                               "pixel cosine": leave_one_out_agreement(real, ref_labels)}
+    for where in ("teacher_images_top1_agreement", "training_images_leave_one_out"):
+        for name, value in result[where].items():
+            print(f"{where}: {name:34s} {value:6.1%}")
     append_jsonl(result, a.record)
     print(json.dumps({"confident_share": result["confident_share"]}))
 

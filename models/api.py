@@ -14,14 +14,13 @@ from typing import Optional
 import torch
 
 from .attribution import Steering
-from .checkpoint import load_teacher
 from .features import check_feature_pairing, load_reference_features
 from .hooks import Hook
 from .image_encoder import load_image_encoder
 from .io import PipelineError, pick_device
 from .noise import per_sample_noise
 from .sampling import DEFAULT_DDIM_STEPS, teacher_sample
-from .student import check_pairing, load_student
+from .student import load_teacher_and_student
 
 
 @dataclass
@@ -44,9 +43,7 @@ class DirectDecoderPipeline:
     def load(cls, teacher_path: str, decoder_path: str, features_path: Optional[str] = None,
              device: Optional[str] = None) -> "DirectDecoderPipeline":
         dev = torch.device(device) if device else pick_device()
-        teacher = load_teacher(teacher_path, dev)
-        student = load_student(decoder_path, dev)
-        check_pairing(student, teacher.sha256, teacher_path)
+        teacher, student = load_teacher_and_student(teacher_path, decoder_path, dev)
         reference = None
         if features_path is not None:
             reference = load_reference_features(features_path, dev)

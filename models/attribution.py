@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_teacher
 from .classifier import load_classifier
 from .data import load_dataset
 from .features import check_feature_pairing, load_reference_features
@@ -23,7 +22,7 @@ from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, atomic_save
                  pick_device, prepare_output_dir, save_image_grid, software_versions)
 from .noise import per_sample_noise
 from .plots import save_figure
-from .student import check_pairing, load_student
+from .student import load_teacher_and_student
 
 SWEEP = [round(0.1 * i, 1) for i in range(1, 11)]
 
@@ -118,9 +117,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
     _validate(opts)
     device = pick_device(opts.cpu)
     t0 = time.perf_counter()
-    teacher = load_teacher(opts.ddpm_ckpt, device)
-    student = load_student(opts.decoder_ckpt, device)
-    check_pairing(student, teacher.sha256, opts.ddpm_ckpt)
+    teacher, student = load_teacher_and_student(opts.ddpm_ckpt, opts.decoder_ckpt, device)
     ref = load_reference_features(opts.ref_features_path, device)
     check_feature_pairing(ref, teacher.sha256, student.sha256, opts.ref_features_path)
     steer = Steering(student.decoder, ref, device)

@@ -5,14 +5,13 @@ import time
 
 import torch
 
-from .checkpoint import load_teacher
 from .classifier import load_classifier
 from .data import load_dataset
 from .io import DEFAULT_CLASSIFIER, atomic_write_json, pick_device, sha256_file, software_versions
 from .metrics import image_quality_report
 from .noise import per_sample_noise
 from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, teacher_sample
-from .student import check_pairing, load_student
+from .student import load_teacher_and_student
 from .train_student import load_training_pairs, student_split
 
 CONFIDENT = 0.9  # the teacher bar's confidence level
@@ -51,9 +50,7 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     """On the held-out validation pairs: pixel MSE to the teacher, class agreement, Frechet distances to real
     images (project classifier features), and images/s of student vs teacher at the same batch size."""
     device = pick_device(cpu)
-    teacher = load_teacher(ddpm_ckpt, device)
-    student = load_student(decoder_ckpt, device)
-    check_pairing(student, teacher.sha256, ddpm_ckpt)
+    teacher, student = load_teacher_and_student(ddpm_ckpt, decoder_ckpt, device)
     data = load_training_pairs(data_path)
     data_sha256 = sha256_file(data_path)
     val_idx = torch.as_tensor(_val_indices(student.checkpoint, data["noise"].shape[0]))

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_teacher
 from .data import SOURCES, load_dataset
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file, load_checkpoint, pick_device,
                  sha256_file, software_versions)
@@ -30,7 +29,7 @@ from .noise import per_sample_noise
 from .image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
 from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
 from .shards import ShardedJob
-from .student import check_pairing, load_student
+from .student import load_teacher_and_student
 from .train_student import load_training_pairs
 
 DEFAULT_INVERSION_STEPS = 10
@@ -148,9 +147,7 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     _validate(opts)
     device = pick_device(opts.cpu)
     start = time.perf_counter()
-    teacher = load_teacher(opts.ddpm_ckpt, device)
-    student = load_student(opts.decoder_ckpt, device)
-    check_pairing(student, teacher.sha256, opts.ddpm_ckpt)
+    teacher, student = load_teacher_and_student(opts.ddpm_ckpt, opts.decoder_ckpt, device)
     load_s = time.perf_counter() - start
     decoder = student.decoder
     method = resolve_method(opts.method, decoder.skips)

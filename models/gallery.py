@@ -6,13 +6,12 @@ import time
 
 import torch
 
-from .checkpoint import load_teacher
 from .classifier import load_classifier
 from .hooks import (channel_scale_hook, exclude_hook, include_hook, interpolate_hook,
                     multi_include_hook)
 from .io import DEFAULT_CLASSIFIER, PipelineError, atomic_write_json, pick_device, prepare_output_dir, save_image_grid
 from .noise import per_sample_noise
-from .student import check_pairing, load_student
+from .student import load_teacher_and_student
 
 PROBE_SAMPLES = 256  # generations weighted by the classifier to estimate a class mean without reference features
 
@@ -24,9 +23,7 @@ def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: 
         raise PipelineError(f"--n_samples must be at least 3 (hooks use samples 0-2 as targets), got {n_samples}")
     device = pick_device(cpu)
     start = time.perf_counter()
-    teacher = load_teacher(ddpm_ckpt, device)
-    student = load_student(decoder_ckpt, device)
-    check_pairing(student, teacher.sha256, ddpm_ckpt)
+    teacher, student = load_teacher_and_student(ddpm_ckpt, decoder_ckpt, device)
     classifier = load_classifier(classifier_path, device)
     print(f"teacher, student and classifier loaded to {device} in {time.perf_counter() - start:.2f}s")
     if dry_run:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import inference_weights, load_strict
+from .checkpoint import LoadedTeacher, inference_weights, load_strict, load_teacher
 from .diffusion import TeacherConfig
 from .io import PipelineError, load_checkpoint, sha256_file
 from .unet import BottleneckHook, Unet, stage_channels
@@ -118,3 +118,11 @@ def check_pairing(student: LoadedStudent, teacher_sha256: str, teacher_path: str
         raise PipelineError(f"{student.path} was distilled from teacher sha256 {student.teacher_sha256[:12]}, "
                             f"but --ddpm_ckpt {teacher_path} has sha256 {teacher_sha256[:12]}; pass the matching "
                             "teacher")
+
+
+def load_teacher_and_student(ddpm_ckpt: str, decoder_ckpt: str, device) -> tuple[LoadedTeacher, LoadedStudent]:
+    """Every stage after training needs both, and only as a pair that belongs together."""
+    teacher = load_teacher(ddpm_ckpt, device)
+    student = load_student(decoder_ckpt, device)
+    check_pairing(student, teacher.sha256, ddpm_ckpt)
+    return teacher, student
