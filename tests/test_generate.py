@@ -107,9 +107,14 @@ def small_runs(tiny_teacher_ckpt, tmp_path_factory):
 
 
 def test_batch_size_does_not_change_results(small_runs):
+    """Noise is bitwise per-sample; images agree to float rounding only: CPU conv/GEMM kernels block a batch of 7
+    differently from a batch of 4 (seen: 7.5e-6 on the shipped teacher, 0 on some CPUs), so bitwise equality across
+    batch sizes is not something PyTorch promises. Same batch size is bitwise (the resume tests)."""
     a, b = small_runs["b4"], small_runs["b7"]
     assert torch.equal(a["noise"], b["noise"])
-    assert torch.equal(a["images"], b["images"])
+    torch.testing.assert_close(b["images"], a["images"], rtol=0, atol=1e-4)
+    # The tolerance is far below any real change: another seed moves images by O(1).
+    assert (small_runs["seed1"]["images"] - a["images"][:10]).abs().max() > 0.1
 
 
 def test_noise_of_sample_i_depends_only_on_seed_and_i(small_runs):
