@@ -32,12 +32,16 @@ def main():
     p.add_argument("--batch_size", type=int, default=64, help="images per optimizer step")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the train/held-out split and shifts")
     p.add_argument("--output_path", default=DEFAULT_PATH, help="checkpoint to write; a .json manifest goes beside it")
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64],
+                   help="conv widths, one per conv+pool stage (the audit classifier uses another architecture)")
+    p.add_argument("--feature_dim", type=int, default=128, help="width of the feature layer (FD, perceptual term)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     add_common(p)
     args = p.parse_args()
     device = pick_device(args.cpu)
     summary = train_classifier(args.dataset, args.output_path, epochs=args.epochs, batch_size=args.batch_size,
                                seed=args.seed, device=device, threads=args.threads,
+                               channels=tuple(args.channels), feature_dim=args.feature_dim,
                                dry_run=args.dry_run)
     if args.dry_run:
         return

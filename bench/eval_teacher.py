@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.checkpoint import load_teacher  # noqa: E402
 from models.classifier import load_classifier  # noqa: E402
 from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images  # noqa: E402
-from models.io import (DEFAULT_CLASSIFIER, atomic_write_json, machine_description, pick_device,  # noqa: E402
+from models.io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, atomic_write_json, machine_description, pick_device,  # noqa: E402
                        save_image_grid, software_versions)
 from models.metrics import image_quality_report  # noqa: E402
 from models.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING  # noqa: E402
@@ -28,6 +28,7 @@ def main():
     p.add_argument("--spacing", default=DEFAULT_SPACING, help="DDIM spacing")
     p.add_argument("--no_clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] at each step")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
+    p.add_argument("--audit_classifier", default=AUDIT_CLASSIFIER, help="second classifier, reported as 'audit'")
     p.add_argument("--out", required=True, help="JSON report; the grid goes beside it as .png")
     p.add_argument("--cpu", action="store_true", help="force CPU")
     a = p.parse_args()
@@ -42,9 +43,13 @@ def main():
     real = shuffled_real_images(source, 2 * a.n, seed=1)
     report = image_quality_report(images, classifier, real[:a.n])
     reference = image_quality_report(real[a.n:], classifier, real[:a.n])
+    audit = load_classifier(a.audit_classifier, device)
+    audit_report = {"teacher": image_quality_report(images, audit, real[:a.n]),
+                    "real_vs_real_same_n": image_quality_report(real[a.n:], audit, real[:a.n]),
+                    "classifier": a.audit_classifier}
     sampler = f"ddim K={a.steps} ({a.spacing}), eta 0" + (", x0 not clipped" if a.no_clip else "")
     result = {"checkpoint": a.ckpt, "sha256": teacher.sha256, "sampler": sampler,
-              "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "sampling_s": round(sample_s, 1),
+              "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "audit": audit_report, "sampling_s": round(sample_s, 1),
               "machine": machine_description(), "versions": software_versions(),
               "command": "python " + " ".join(sys.argv)}
     atomic_write_json(result, a.out)
@@ -52,7 +57,9 @@ def main():
     shares = report["class_shares"]
     print(f"eval_teacher: mean confidence {report['mean_confidence']:.3f}, class shares {min(shares):.1%}.."
           f"{max(shares):.1%}, FD {report['frechet_distance']:.2f} (real vs real {reference['frechet_distance']:.2f}), "
-          f"precision {report['precision']:.3f} recall {report['recall']:.3f} -> {a.out}")
+          f"precision {report['precision']:.3f} recall {report['recall']:.3f}; audit classifier: confidence "
+          f"{audit_report['teacher']['mean_confidence']:.3f}, FD {audit_report['teacher']['frechet_distance']:.2f} "
+          f"(real {audit_report['real_vs_real_same_n']['frechet_distance']:.2f}) -> {a.out}")
 
 
 if __name__ == "__main__":

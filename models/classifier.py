@@ -72,10 +72,13 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def train_classifier(dataset: str = "mnist5k", output_path: str = DEFAULT_PATH, epochs: int = 12,
                      batch_size: int = 64, seed: int = 0, val_fraction: float = 0.1, device=None,
-                     lr: float = 2e-3, max_shift: int = 2, threads: int = 0, dry_run: bool = False) -> dict:
+                     lr: float = 2e-3, max_shift: int = 2, threads: int = 0, channels: tuple = (16, 32, 64),
+                     feature_dim: int = 128, dry_run: bool = False) -> dict:
     """Trains on a shuffled split (mnist5k is sorted by label) and saves a self-describing checkpoint."""
     if epochs <= 0 or batch_size <= 0:
         raise PipelineError(f"--epochs and --batch_size must be positive, got {epochs} and {batch_size}")
+    if not channels or min(channels) <= 0 or feature_dim <= 0:
+        raise PipelineError(f"--channels and --feature_dim must be positive, got {list(channels)} and {feature_dim}")
     if not 0.0 < val_fraction < 1.0:
         raise PipelineError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if threads:
@@ -83,7 +86,7 @@ def train_classifier(dataset: str = "mnist5k", output_path: str = DEFAULT_PATH, 
     device = torch.device(device) if device is not None else pick_device()
     data = load_dataset(dataset, "train")
     train_idx, val_idx = split_indices(len(data), val_fraction, seed)
-    args = ClassifierArgs(num_classes=data.num_classes)
+    args = ClassifierArgs(channels=tuple(channels), feature_dim=feature_dim, num_classes=data.num_classes)
     config = {"dataset": dataset, "epochs": epochs, "batch_size": batch_size, "seed": seed, "lr": lr,
               "val_fraction": val_fraction, "max_shift": max_shift, "optimizer": "AdamW, OneCycle",
               "n_train": len(train_idx), "n_val": len(val_idx), "device": str(device)}

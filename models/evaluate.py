@@ -7,7 +7,7 @@ import torch
 
 from .classifier import load_classifier
 from .data import load_dataset
-from .io import DEFAULT_CLASSIFIER, atomic_write_json, pick_device, sha256_file, software_versions
+from .io import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, atomic_write_json, pick_device, sha256_file, software_versions
 from .metrics import image_quality_report
 from .noise import per_sample_noise
 from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, teacher_sample
@@ -46,9 +46,11 @@ def images_per_second(fn, x: torch.Tensor, repeats: int = 2) -> float:
 
 def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: str, output_path,
                                 cpu: bool = False, classifier_path: str = DEFAULT_CLASSIFIER,
+                                audit_classifier_path: str | None = AUDIT_CLASSIFIER,
                                 n_real: int = 5000, speed_batch: int = 64, batch_size: int = 256) -> dict:
     """On the held-out validation pairs: pixel MSE to the teacher, class agreement, Frechet distances to real
-    images (project classifier features), and images/s of student vs teacher at the same batch size."""
+    images (project classifier features, and the audit classifier's, which no loss uses), and images/s of student
+    vs teacher at the same batch size."""
     device = pick_device(cpu)
     teacher, student = load_teacher_and_student(ddpm_ckpt, decoder_ckpt, device)
     data = load_training_pairs(data_path)
@@ -56,17 +58,9 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     val_idx = torch.as_tensor(_val_indices(student.checkpoint, data["noise"].shape[0]))
     noise, teacher_images = data["noise"][val_idx].to(device), data["images"][val_idx].to(device)
     student_images = _batched(lambda z: student.decoder(z).float().clamp(-1, 1), noise, batch_size)
-    classifier = load_classifier(classifier_path, device)
     real = shuffled_real_images(evaluation_source(teacher.checkpoint.get("data_source")), n_real).to(device)
-    student_q = image_quality_report(student_images, classifier, real)
-    teacher_q = image_quality_report(teacher_images, classifier, real)
-    half = real.shape[0] // 2
-    real_q = image_quality_report(real[:half], classifier, real[half:])
-    with torch.inference_mode():
-        teacher_logits = _batched(classifier, teacher_images, batch_size)
-        agreeing = _batched(classifier, student_images, batch_size).argmax(1) == teacher_logits.argmax(1)
-        confident = teacher_logits.softmax(1).amax(1) >= CONFIDENT
-    agree = agreeing.float().mean().item()
+    scores = classifier_scores(load_classifier(classifier_path, device), student_images, teacher_images, real,
+                               batch_size)
     meta = data.get("metadata", {})
     k = int(meta.get("steps", DEFAULT_DDIM_STEPS)) if meta.get("sampler") == "ddim" else DEFAULT_DDIM_STEPS
     z = per_sample_noise(12345, range(speed_batch), device=device)
@@ -76,18 +70,9 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     report = {
         "n_val": int(len(val_idx)),
         "val_mse_to_teacher": torch.mean((student_images - teacher_images) ** 2).item(),
-        "class_agreement_student_teacher": agree,
-        # The teacher's own ambiguous images (scribbles) have no class for the student to agree with.
-        "class_agreement_where_teacher_confident": {
-            "confidence_at_least": CONFIDENT, "share_of_pairs": confident.float().mean().item(),
-            "agreement": agreeing[confident].float().mean().item() if confident.any() else None},
+        **scores,
         "training_data": {"path": str(data_path), "sha256": data_sha256,
                           "is_the_students": data_sha256 == student.checkpoint.get("training_data", {}).get("sha256")},
-        "frechet_distance": {"student_vs_real": student_q["frechet_distance"],
-                             "teacher_vs_real": teacher_q["frechet_distance"],
-                             "real_half_vs_real_half": real_q["frechet_distance"]},
-        "fd_ratio_student_over_teacher": student_q["frechet_distance"] / max(teacher_q["frechet_distance"], 1e-12),
-        "quality": {"student": student_q, "teacher": teacher_q, "real_half": real_q},
         "speed": {"batch_size": speed_batch, "device": str(device), "student_images_per_s": student_ips,
                   "teacher_unet_evals_per_s": unet_evals_per_s,
                   f"teacher_ddim{k}_images_per_s": unet_evals_per_s / k,
@@ -98,16 +83,49 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
                           "(sampling cost is linear in steps)"},
         "teacher": {"path": ddpm_ckpt, "sha256": teacher.sha256}, "student": {"path": decoder_ckpt,
                                                                              "sha256": student.sha256},
+        "classifier": {"path": classifier_path, "sha256": sha256_file(classifier_path)},
         "versions": software_versions(),
     }
+    audit = ""
+    if audit_classifier_path is not None:
+        report["audit"] = classifier_scores(load_classifier(audit_classifier_path, device), student_images,
+                                            teacher_images, real, batch_size)
+        report["audit"]["classifier"] = {"path": audit_classifier_path, "sha256": sha256_file(audit_classifier_path)}
+        audit = (f"; audit classifier: agreement {report['audit']['class_agreement_student_teacher']:.1%}, "
+                 f"FD ratio {report['audit']['fd_ratio_student_over_teacher']:.2f}")
     atomic_write_json(report, output_path)
     fd = report["frechet_distance"]
     print(f"evaluation ({report['n_val']} val pairs): MSE to teacher {report['val_mse_to_teacher']:.4f}, "
-          f"class agreement {agree:.1%} ({_confident_summary(report)}), "
+          f"class agreement {report['class_agreement_student_teacher']:.1%} ({_confident_summary(report)}), "
           f"FD student {fd['student_vs_real']:.2f} / teacher {fd['teacher_vs_real']:.2f}"
           f" / real {fd['real_half_vs_real_half']:.2f}, student {report['speed'][f'speedup_vs_ddim{k}']:.0f}x faster "
-          f"than DDIM-{k} -> {output_path}")
+          f"than DDIM-{k}{audit} -> {output_path}")
     return report
+
+
+@torch.inference_mode()
+def classifier_scores(classifier, student_images: torch.Tensor, teacher_images: torch.Tensor, real: torch.Tensor,
+                      batch_size: int = 256) -> dict:
+    """Class agreement and Frechet distances of student and teacher images in one classifier's feature space."""
+    student_q = image_quality_report(student_images, classifier, real)
+    teacher_q = image_quality_report(teacher_images, classifier, real)
+    half = real.shape[0] // 2
+    real_q = image_quality_report(real[:half], classifier, real[half:])
+    teacher_logits = _batched(classifier, teacher_images, batch_size)
+    agreeing = _batched(classifier, student_images, batch_size).argmax(1) == teacher_logits.argmax(1)
+    confident = teacher_logits.softmax(1).amax(1) >= CONFIDENT
+    return {
+        "class_agreement_student_teacher": agreeing.float().mean().item(),
+        # The teacher's own ambiguous images (scribbles) have no class for the student to agree with.
+        "class_agreement_where_teacher_confident": {
+            "confidence_at_least": CONFIDENT, "share_of_pairs": confident.float().mean().item(),
+            "agreement": agreeing[confident].float().mean().item() if confident.any() else None},
+        "frechet_distance": {"student_vs_real": student_q["frechet_distance"],
+                             "teacher_vs_real": teacher_q["frechet_distance"],
+                             "real_half_vs_real_half": real_q["frechet_distance"]},
+        "fd_ratio_student_over_teacher": student_q["frechet_distance"] / max(teacher_q["frechet_distance"], 1e-12),
+        "quality": {"student": student_q, "teacher": teacher_q, "real_half": real_q},
+    }
 
 
 def _confident_summary(report: dict) -> str:

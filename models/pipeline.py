@@ -86,6 +86,17 @@ def _load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _audit_rows(ev: dict) -> list[str]:
+    """The same scores from the audit classifier, which the perceptual term never trained against."""
+    if "audit" not in ev:
+        return []
+    a = ev["audit"]
+    fd = a["frechet_distance"]
+    return [f"| audit classifier: class agreement | {a['class_agreement_student_teacher']:.1%} |",
+            f"| audit classifier: Frechet distance student / teacher / real-vs-real | {fd['student_vs_real']:.2f} / "
+            f"{fd['teacher_vs_real']:.2f} / {fd['real_half_vs_real_half']:.2f} |"]
+
+
 def write_report(out: Path, preset: str, settings: dict, teacher: str, state: dict) -> None:
     ev = _load_json(out / "student" / "evaluation.json")
     attr = _load_json(out / "attribution" / "attribution_report.json")
@@ -108,6 +119,7 @@ def write_report(out: Path, preset: str, settings: dict, teacher: str, state: di
                   f"| class agreement student/teacher | {ev['class_agreement_student_teacher']:.1%} |",
                   f"| Frechet distance student / teacher / real-vs-real | {fd['student_vs_real']:.2f} / "
                   f"{fd['teacher_vs_real']:.2f} / {fd['real_half_vs_real_half']:.2f} |",
+                  *_audit_rows(ev),
                   f"| student images/s (batch {sp['batch_size']}) | {sp['student_images_per_s']:.0f} |",
                   f"| teacher UNet evaluations/s | {sp['teacher_unet_evals_per_s']:.0f} |", ""]
     features_meta = _load_features_metadata(out / "reference_features.pt")

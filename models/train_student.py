@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
 from .data import split_indices
-from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save, atomic_write_json,
-                 load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file, software_versions,
-                 truncate_jsonl)
+from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save,
+                 atomic_write_json, load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file,
+                 software_versions, truncate_jsonl)
 from .optim import warmup_cosine
 from .plots import plot_metric_curves
 from .sampling import autocast_for, configure_precision
@@ -96,12 +96,20 @@ def _validate(opts: StudentTrainOptions) -> None:
         raise PipelineError(f"--loss must be one of {LOSSES}, got {opts.loss!r}")
     if not (0 <= opts.perceptual_weight < math.inf):
         raise PipelineError(f"--perceptual_weight must be finite and >= 0, got {opts.perceptual_weight}")
+    if opts.perceptual_weight > 0 and _is_audit_classifier(opts.classifier):
+        raise PipelineError(f"--classifier {opts.classifier} is the audit classifier, which only scores students (a "
+                            f"loss in its space would make its numbers meaningless); pass {DEFAULT_CLASSIFIER}")
     if not (0 < opts.val_fraction < 1):
         raise PipelineError(f"--val_fraction must be in (0, 1), got {opts.val_fraction}")
     if opts.bn_samples < 0:
         raise PipelineError(f"--bn_samples must be >= 0, got {opts.bn_samples}")
     if not (0 <= opts.ema_decay < 1):
         raise PipelineError(f"--ema_decay must be in [0, 1), got {opts.ema_decay}")
+
+
+def _is_audit_classifier(path: str) -> bool:
+    audit = Path(AUDIT_CLASSIFIER)
+    return audit.is_file() and Path(path).is_file() and sha256_file(path) == sha256_file(audit)
 
 
 def _load_init(opts: StudentTrainOptions, teacher, device):

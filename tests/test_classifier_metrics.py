@@ -7,7 +7,7 @@ import torch
 
 from models.classifier import DEFAULT_PATH, MnistClassifier, load_classifier
 from models.data import load_dataset, split_indices
-from models.io import MissingInputError, PipelineError
+from models.io import AUDIT_CLASSIFIER, MissingInputError, PipelineError
 from models.metrics import (class_histogram, classifier_outputs, frechet_distance, image_quality_report,
                             knn_precision_recall, mean_class_probability)
 
@@ -144,6 +144,19 @@ def test_shipped_classifier_is_frozen_accurate_and_differentiable(shipped):
     feats.square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert torch.equal(classifier.features(x).detach(), feats.detach())  # eval mode is deterministic
+
+
+def test_audit_classifier_is_another_network_that_agrees_on_real_digits(shipped):
+    """The audit classifier scores students that may have trained against the project classifier: it must be a
+    different network (architecture, weights, feature space), yet just as right about real digits."""
+    classifier, data, (feats, logits) = shipped
+    audit = load_classifier(AUDIT_CLASSIFIER)
+    assert not audit.training and not any(p.requires_grad for p in audit.parameters())
+    assert [c.out_channels for c in audit.convs] != [c.out_channels for c in classifier.convs]
+    audit_feats, audit_logits = classifier_outputs(audit, data.images)
+    assert audit_feats.shape[1] != feats.shape[1]
+    assert (audit_logits.argmax(1) == data.labels).double().mean() > 0.97
+    assert (audit_logits.argmax(1) == logits.argmax(1)).double().mean() > 0.97
 
 
 def test_noise_features_are_far_from_digit_features(shipped):

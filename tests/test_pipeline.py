@@ -56,6 +56,8 @@ def test_report_shows_times_numbers_and_existing_figures(tiny_run):
     assert not missing, missing
     evaluation = json.loads((out / "student" / "evaluation.json").read_text())
     assert f"{evaluation['class_agreement_student_teacher']:.1%}" in report
+    audit_fd = evaluation["audit"]["frechet_distance"]["student_vs_real"]
+    assert re.search(rf"\| audit classifier: Frechet distance [^|]*\| {audit_fd:.2f} / ", report)
     assert "consistency (a)" in report and "image_encoder" in report
 
 

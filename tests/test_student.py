@@ -17,7 +17,7 @@ import models.evaluate
 from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, sha256,
                      start_logged, use_cached_mnist5k)
 from models.checkpoint import load_teacher
-from models.io import PipelineError
+from models.io import AUDIT_CLASSIFIER, PipelineError
 from models.noise import per_sample_noise
 from models.student import DirectDecoder, load_student
 
@@ -358,6 +358,14 @@ def test_evaluation_report(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
     assert confident["confidence_at_least"] == 0.9 and 0.0 <= confident["share_of_pairs"] <= 1.0
     assert (confident["agreement"] is None) == (confident["share_of_pairs"] == 0.0)
     assert report["training_data"]["is_the_students"] is True
+    # The same scores in the audit classifier's space: another network, so other numbers, same meaning.
+    audit = report["audit"]
+    assert audit["classifier"]["sha256"] == sha256(AUDIT_CLASSIFIER) != report["classifier"]["sha256"]
+    assert 0.0 <= audit["class_agreement_student_teacher"] <= 1.0
+    assert all(math.isfinite(v) and v >= 0 for v in audit["frechet_distance"].values())
+    assert audit["frechet_distance"]["student_vs_real"] != fd["student_vs_real"]
+    assert audit["fd_ratio_student_over_teacher"] == pytest.approx(
+        audit["frechet_distance"]["student_vs_real"] / audit["frechet_distance"]["teacher_vs_real"])
 
     # The same evaluation as its own command, on the same checkpoint: the same numbers (speed aside).
     again = tmp_path / "again"
@@ -366,12 +374,22 @@ def test_evaluation_report(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
     assert code == 0, err[-3000:]
     rerun = json.loads((again / "evaluation.json").read_text())
     for key in ("val_mse_to_teacher", "class_agreement_student_teacher", "class_agreement_where_teacher_confident",
-                "frechet_distance", "student", "teacher", "training_data"):
+                "frechet_distance", "student", "teacher", "training_data", "audit"):
         assert rerun[key] == report[key], key
     assert not list(again.glob("*.pt")), "--evaluate_only must not train"
     code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir", again,
                          "--evaluate_only", tmp_path / "missing.pt", "--cpu")
     assert code == 2 and "missing.pt" in one_error_line(err)
+
+
+def test_perceptual_loss_in_the_audit_classifiers_space_is_refused(tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
+    """A student trained against the audit classifier would make the audit scores meaningless."""
+    copy = tmp_path / "renamed_audit.pt"
+    shutil.copy(AUDIT_CLASSIFIER, copy)  # recognised by content, not by name
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir", tmp_path / "o",
+                         "--epochs", 1, "--batch_size", 8, "--perceptual_weight", 0.1, "--classifier", copy, "--cpu")
+    assert code == 1 and "audit classifier" in one_error_line(err)
+    assert not (tmp_path / "o").exists()
 
 
 def test_batchnorm_recalibration_gives_exact_statistics():
