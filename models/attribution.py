@@ -18,7 +18,7 @@ from .classifier import load_classifier
 from .data import load_dataset
 from .features import check_feature_pairing, load_reference_features
 from .hooks import class_hook, exclude_hook, include_hook
-from .io import (DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, atomic_save, atomic_write_json,
+from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, atomic_save, atomic_write_json,
                  pick_device, prepare_output_dir, save_image_grid, software_versions)
 from .noise import per_sample_noise
 from .plots import save_figure
@@ -68,6 +68,7 @@ class AttributionOptions:
     evaluate: bool = True
     n_eval: int = 256
     classifier: str = DEFAULT_CLASSIFIER
+    audit_classifier: str = AUDIT_CLASSIFIER  # the class-hook success once more, by a network no loss has seen
     cpu: bool = False
 
 
@@ -199,6 +200,7 @@ def evaluate_steering(steer: Steering, dataset, opts: AttributionOptions, device
     """Class-hook success, include/exclude effect in an independent (classifier) feature space, and attribution
     label agreement, against a pixel-space nearest-neighbour baseline."""
     classifier = load_classifier(opts.classifier, device)
+    audit = load_classifier(opts.audit_classifier, device)
     z = per_sample_noise(opts.seed + 1, range(opts.n_eval), device=device)
     ref_images = dataset.images[:len(steer.labels)]
 
@@ -214,12 +216,13 @@ def evaluate_steering(steer: Steering, dataset, opts: AttributionOptions, device
     base_pred = classifier(base_images).argmax(1).cpu()
     report = {"n_eval": opts.n_eval, "strengths": SWEEP, "target_class": opts.target_class,
               "baseline_share_target_class": (base_pred == opts.target_class).float().mean().item(),
-              "class_hook_success": [], "include_similarity": [], "exclude_similarity": [],
+              "class_hook_success": [], "class_hook_success_audit": [], "include_similarity": [], "exclude_similarity": [],
               "baseline_include_similarity": sim_to(base_cls, inc_t),
               "baseline_exclude_similarity": sim_to(base_cls, exc_t)}
     for s in SWEEP:
         imgs, _ = steer.generate(z, steer.toward_class(opts.target_class, s))
-        report["class_hook_success"].append((classifier(imgs).argmax(1).cpu() == opts.target_class).float().mean().item())
+        for key, judge in (("class_hook_success", classifier), ("class_hook_success_audit", audit)):
+            report[key].append((judge(imgs).argmax(1).cpu() == opts.target_class).float().mean().item())
         imgs, _ = steer.generate(z, steer.include(opts.include, s))
         report["include_similarity"].append(sim_to(cls_features(imgs), inc_t))
         imgs, _ = steer.generate(z, steer.exclude(opts.exclude, s))
@@ -244,11 +247,13 @@ def evaluate_steering(steer: Steering, dataset, opts: AttributionOptions, device
 
 
 def _print_report(r: dict) -> None:
-    print(f"{'strength':>8} {'class-' + str(r['target_class']) + ' success':>16} {'incl. sim':>10} {'excl. sim':>10}")
-    print(f"{'0 (base)':>8} {r['baseline_share_target_class']:>16.2%} {r['baseline_include_similarity']:>10.3f} "
+    print(f"{'strength':>8} {'class-' + str(r['target_class']) + ' success':>16} {'(audit)':>8} {'incl. sim':>10} "
+          f"{'excl. sim':>10}")
+    print(f"{'0 (base)':>8} {r['baseline_share_target_class']:>16.2%} {'':>8} {r['baseline_include_similarity']:>10.3f} "
           f"{r['baseline_exclude_similarity']:>10.3f}")
-    for s, c, i, e in zip(r["strengths"], r["class_hook_success"], r["include_similarity"], r["exclude_similarity"]):
-        print(f"{s:>8} {c:>16.2%} {i:>10.3f} {e:>10.3f}")
+    for s, c, ca, i, e in zip(r["strengths"], r["class_hook_success"], r["class_hook_success_audit"],
+                              r["include_similarity"], r["exclude_similarity"]):
+        print(f"{s:>8} {c:>16.2%} {ca:>8.1%} {i:>10.3f} {e:>10.3f}")
     a = r["attribution_label_agreement"]
     print(f"attribution label agreement: bottleneck top-1 {a['bottleneck']['top1']:.1%}, top-5 majority "
           f"{a['bottleneck']['top5_majority']:.1%}; pixel-NN baseline top-1 {a['pixel_nn_baseline']['top1']:.1%}, "

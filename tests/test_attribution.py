@@ -151,7 +151,8 @@ def test_runs_apply_the_hooks(attr_run, random_ref, decoder):
 def test_report(attr_run):
     r = attr_run["report"]
     assert r["n_eval"] == N_EVAL and r["target_class"] == TARGET and r["strengths"] == SWEEP
-    assert len(r["class_hook_success"]) == 10 and all(0 <= v <= 1 for v in r["class_hook_success"])
+    for key in ("class_hook_success", "class_hook_success_audit"):
+        assert len(r[key]) == 10 and all(0 <= v <= 1 for v in r[key]), key
     for key in ("include_similarity", "exclude_similarity"):
         assert len(r[key]) == 10 and all(math.isfinite(v) and -1 - 1e-6 <= v <= 1 + 1e-6 for v in r[key]), key
     assert 0 <= r["baseline_share_target_class"] <= 1
