@@ -8,7 +8,8 @@ from models.pipeline import PRESETS, run_pipeline
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="demo: minutes on a 2-core CPU; full: the 60k-pair run for a GPU")
+                   help="demo: minutes on a 2-core CPU, continuing the shipped student; demo_from_teacher: the same "
+                   "but distilling a new student from the teacher (about 15 min); full: the 60k-pair run for a GPU")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher DDPM checkpoint")
     p.add_argument("--output_dir", default=None, help="where everything goes (default: the preset's name)")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project MNIST classifier")
