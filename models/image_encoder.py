@@ -88,8 +88,8 @@ def _pairs_batch(decoder, pairs: dict, seed: int, step: int, count: int, device)
     noise."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     idx = torch.randint(len(pairs["images"]), (count,), generator=generator)
-    with torch.inference_mode():
-        _, h, _ = decoder.generate(pairs["noise"][idx].to(device))
+    with torch.inference_mode():  # the target only: the student's bottleneck, not its image
+        h = decoder.bottleneck(pairs["noise"][idx].to(device))
     return pairs["images"][idx].to(device).float().clamp(-1, 1), h.float().clone()
 
 

@@ -169,13 +169,13 @@ def write_report(out: Path, preset: str, settings: dict, teacher: str, state: di
               "samples 100-109), class 3.", ""]
     lines += [f"![{p}](attribution/{p})" for p in hooks_png] + [""]
     if attr:
-        lines += ["| strength | class-3 success | similarity to include set | similarity to exclude set |",
-                  "|---|---|---|---|",
-                  f"| 0 (baseline) | {attr['baseline_share_target_class']:.1%} | "
+        lines += ["| strength | class-3 success | (audit classifier) | similarity to include set | "
+                  "similarity to exclude set |", "|---|---|---|---|---|",
+                  f"| 0 (baseline) | {attr['baseline_share_target_class']:.1%} | | "
                   f"{attr['baseline_include_similarity']:.3f} | {attr['baseline_exclude_similarity']:.3f} |"]
-        lines += [f"| {s} | {c:.1%} | {i:.3f} | {e:.3f} |" for s, c, i, e in
-                  zip(attr["strengths"], attr["class_hook_success"], attr["include_similarity"],
-                      attr["exclude_similarity"])]
+        lines += [f"| {s} | {c:.1%} | {ca:.1%} | {i:.3f} | {e:.3f} |" for s, c, ca, i, e in
+                  zip(attr["strengths"], attr["class_hook_success"], attr["class_hook_success_audit"],
+                      attr["include_similarity"], attr["exclude_similarity"])]
         a = attr["attribution_label_agreement"]
         lines += ["", f"Attribution label agreement (the classifier's label of a generation vs its nearest training "
                       f"images' labels): bottleneck top-1 {a['bottleneck']['top1']:.1%}, top-5 majority "

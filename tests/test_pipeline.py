@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +12,11 @@ import models.attribution
 import models.evaluate
 import models.features
 import models.pipeline
-from helpers import load_pt, use_cached_mnist5k
+from helpers import load_pt, sha256, use_cached_mnist5k
+from models.io import PipelineError
 from models.pipeline import STAGES, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"n_pairs": 60, "ddim_steps": 5, "gen_batch": 8, "epochs": 2, "train_batch": 8, "lr": 1e-3,
         "perceptual_weight": 0.05, "encoder_steps": 3, "feature_batch": 1000, "n_attr": 4, "n_eval": 8}
@@ -64,3 +68,52 @@ def test_report_shows_times_numbers_and_existing_figures(tiny_run):
 def test_rerun_skips_finished_stages(tiny_run):
     out, state, rerun = tiny_run
     assert rerun == state  # nothing ran again: the recorded wall times are the first run's
+
+
+def test_a_preset_can_continue_a_student_on_pairs_of_an_unseen_seed(tmp_path, tiny_teacher_ckpt, tiny_student,
+                                                                     mnist5k):
+    """The demo's shape: continue a finished student (init_from) on pairs of another seed, and say so."""
+    preset = TINY | {"init_from": str(tiny_student), "pairs_seed": 5, "epochs": 1, "val_fraction": 0.2,
+                     "gen_channels_last": True}
+    mp = pytest.MonkeyPatch()
+    mp.setitem(models.pipeline.PRESETS, "tiny_continue", preset)
+    for module in (models.features, models.attribution, models.evaluate):
+        use_cached_mnist5k(mp, module, mnist5k)
+    out = tmp_path / "run"
+    try:
+        run_pipeline("tiny_continue", str(out), str(tiny_teacher_ckpt), cpu=True)
+    finally:
+        mp.undo()
+    pairs = load_pt(out / "data" / "training_data.pt")
+    assert pairs["metadata"]["seed"] == 5 and pairs["n_samples"] == TINY["n_pairs"]
+    options = json.loads((out / "student" / "training_options.json").read_text())
+    assert options["init_from"]["sha256"] == sha256(tiny_student)
+    assert options["init_from"]["epochs_before"] == load_pt(tiny_student)["epoch"]
+    assert options["n_val"] == int(0.2 * TINY["n_pairs"])
+    report = (out / "report.md").read_text()
+    assert f"continues `{tiny_student}`" in report and "of seed 5, which it had never seen" in report
+
+
+def test_continuing_preset_with_another_teacher_says_which_preset_to_use(tmp_path, tiny_teacher_ckpt):
+    """The shipped demo continues the shipped student; with your own teacher it must point at demo_from_teacher."""
+    with pytest.raises(PipelineError) as err:
+        run_pipeline("demo", str(tmp_path / "out"), str(tiny_teacher_ckpt), cpu=True)
+    assert "--preset demo_from_teacher" in str(err.value) and "\n" not in str(err.value)
+    assert err.value.exit_code == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_presets_are_consistent():
+    """Each preset runs the perceptual term; the demo continues the shipped student on a seed it never trained on."""
+    from models.io import DEFAULT_STUDENT
+    for name, p in models.pipeline.PRESETS.items():
+        assert p["perceptual_weight"] > 0, name
+    demo = models.pipeline.PRESETS["demo"]
+    assert demo["init_from"] == DEFAULT_STUDENT
+    # The seeds of its pairs, from the command that made it (the first leg's pairs are not in the checkpoint).
+    made_by = json.loads((REPO / "checkpoints" / "MANIFEST.json").read_text())["checkpoints/student_mnist5k.pt"]
+    seen = {int(seed) for seed in re.findall(r"generate_training_data\.py [^&]*--seed (\d+)", made_by["produced_by"])}
+    assert seen == {0, 1}
+    assert load_pt(DEFAULT_STUDENT)["config"]["training_data"]["metadata"]["seed"] in seen
+    assert demo["pairs_seed"] not in seen
+    assert not models.pipeline.PRESETS["demo_from_teacher"].get("init_from")
