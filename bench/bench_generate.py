@@ -1,9 +1,12 @@
 """Pair-generation speed and memory: this project's generate_training_data versus a faithful re-implementation of
 the original loop (1000-step ancestral sampling, torch.cat of the whole trajectory every step, the growing file
 re-saved every 10 batches), on the same machine, teacher and batch size; plus the UNet-evaluation ceiling and
-the peak memory of 200 versus 2,000 pairs.
+the peak memory of 200 versus 2,000 pairs. With --channels_last_too, the same run again in channels-last memory
+format, timed between two default runs (A/B/A: a shared machine drifts), with the largest image difference.
 
     python bench/bench_generate.py --ckpt checkpoints/teacher_mnist5k.pt --n 200 --batch_size 100
+    python bench/bench_generate.py --ckpt checkpoints/teacher_mnist5k.pt --n 500 --batch_size 250 --skip_original \
+        --memory_sizes --channels_last_too --cpu
 """
 import json
 import subprocess
@@ -74,6 +77,20 @@ def peak_rss_mib(args: list[str]) -> float:
     return int(out.stdout.strip()) / 1024
 
 
+def channels_last_comparison(a, first: dict, tmp: str) -> dict:
+    """pairs/s in channels-last format against the mean of the default run before it and one after it."""
+    def run(name: str, channels_last: bool) -> dict:
+        return generate_training_data(GenerateOptions(ckpt=a.ckpt, n_samples=a.n, batch_size=a.batch_size,
+                                                      output_dir=f"{tmp}/{name}", steps=a.steps, cpu=a.cpu,
+                                                      channels_last=channels_last))
+    cl, second = run("channels_last", True), run("default_again", False)
+    images = [torch.load(Path(r["path"]), weights_only=True)["images"] for r in (first, cl)]
+    default_rate = (first["pairs_per_s"] + second["pairs_per_s"]) / 2
+    return {"default_pairs_per_s": [first["pairs_per_s"], second["pairs_per_s"]],
+            "channels_last_pairs_per_s": cl["pairs_per_s"], "speedup": cl["pairs_per_s"] / default_rate,
+            "max_abs_image_difference": (images[0] - images[1]).abs().max().item()}
+
+
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="teacher checkpoint")
@@ -83,6 +100,8 @@ def main():
     p.add_argument("--steps", type=int, default=DEFAULT_DDIM_STEPS, help="DDIM steps for this project's run")
     p.add_argument("--skip_original", action="store_true", help="do not time the original loop")
     p.add_argument("--memory_sizes", type=int, nargs="*", default=[200, 2000], help="pair counts for peak memory")
+    p.add_argument("--channels_last_too", action="store_true",
+                   help="also time --channels_last (A/B/A against the default memory format)")
     p.add_argument("--out", default="bench/results/generate.jsonl", help="appends one JSON line")
     p.add_argument("--cpu", action="store_true", help="force CPU")
     a = p.parse_args()
@@ -95,6 +114,7 @@ def main():
         ours = generate_training_data(GenerateOptions(ckpt=a.ckpt, n_samples=a.n, batch_size=a.batch_size,
                                                       output_dir=f"{tmp}/ours", steps=a.steps, cpu=a.cpu))
         ceilings.append(unet_ceiling(teacher.diffusion, a.batch_size, device))
+        layout = channels_last_comparison(a, ours, tmp) if a.channels_last_too else None
         original = None if a.skip_original else original_loop(teacher.diffusion, a.n_original or a.n, a.batch_size,
                                                                device, Path(tmp) / "orig.pt")
         memory = {}
@@ -109,7 +129,7 @@ def main():
               "speedup_vs_original": ours["pairs_per_s"] / original if original else None,
               "unet_evals_per_s": ceiling, "unet_evals_per_s_before_after": ceilings,
               "ceiling_pairs_per_s": ceiling / a.steps, "fraction_of_ceiling": ours["pairs_per_s"] * a.steps / ceiling,
-              "peak_rss_mib": memory, "command": "python " + " ".join(sys.argv)}
+              "peak_rss_mib": memory, "channels_last": layout, "command": "python " + " ".join(sys.argv)}
     if len(memory) == 2:
         small, large = sorted(memory)
         record["peak_rss_ratio_large_over_small"] = memory[large] / memory[small]
