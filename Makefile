@@ -17,8 +17,9 @@ demo: $(VENV)/.installed
 full: $(VENV)/.installed
 	$(PY) run_pipeline.py --preset full
 
+# Tests run one torch thread per process, one process per core (pytest-xdist).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests
 
 verify: $(VENV)/.installed
 	$(PY) verify_models.py
