@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from models.checkpoint import load_teacher  # noqa: E402
 from models.generate import GenerateOptions, generate_training_data  # noqa: E402
-from models.io import append_jsonl, machine_description, pick_device  # noqa: E402
+from models.io import append_jsonl, load_checkpoint, machine_description, pick_device  # noqa: E402
 from models.samplers import ddpm_reverse_step  # noqa: E402
 from models.sampling import DEFAULT_DDIM_STEPS  # noqa: E402
 from models.cli import ArgumentParser  # noqa: E402
@@ -77,14 +77,17 @@ def peak_rss_mib(args: list[str]) -> float:
     return int(out.stdout.strip()) / 1024
 
 
+def generate(a, tmp: str, name: str, channels_last: bool = False) -> dict:
+    """One generate_training_data run with the bench's options, written under ``tmp/name``."""
+    return generate_training_data(GenerateOptions(ckpt=a.ckpt, n_samples=a.n, batch_size=a.batch_size,
+                                                  output_dir=f"{tmp}/{name}", steps=a.steps, cpu=a.cpu,
+                                                  channels_last=channels_last))
+
+
 def channels_last_comparison(a, first: dict, tmp: str) -> dict:
     """pairs/s in channels-last format against the mean of the default run before it and one after it."""
-    def run(name: str, channels_last: bool) -> dict:
-        return generate_training_data(GenerateOptions(ckpt=a.ckpt, n_samples=a.n, batch_size=a.batch_size,
-                                                      output_dir=f"{tmp}/{name}", steps=a.steps, cpu=a.cpu,
-                                                      channels_last=channels_last))
-    cl, second = run("channels_last", True), run("default_again", False)
-    images = [torch.load(Path(r["path"]), weights_only=True)["images"] for r in (first, cl)]
+    cl, second = generate(a, tmp, "channels_last", True), generate(a, tmp, "default_again")
+    images = [load_checkpoint(r["path"], what="pairs file")["images"] for r in (first, cl)]
     default_rate = (first["pairs_per_s"] + second["pairs_per_s"]) / 2
     return {"default_pairs_per_s": [first["pairs_per_s"], second["pairs_per_s"]],
             "channels_last_pairs_per_s": cl["pairs_per_s"], "speedup": cl["pairs_per_s"] / default_rate,
@@ -111,8 +114,7 @@ def main():
     # measurement can land in a slow moment and flatter the fraction of it that we reach.
     ceilings = [unet_ceiling(teacher.diffusion, a.batch_size, device)]
     with tempfile.TemporaryDirectory() as tmp:
-        ours = generate_training_data(GenerateOptions(ckpt=a.ckpt, n_samples=a.n, batch_size=a.batch_size,
-                                                      output_dir=f"{tmp}/ours", steps=a.steps, cpu=a.cpu))
+        ours = generate(a, tmp, "ours")
         ceilings.append(unet_ceiling(teacher.diffusion, a.batch_size, device))
         layout = channels_last_comparison(a, ours, tmp) if a.channels_last_too else None
         original = None if a.skip_original else original_loop(teacher.diffusion, a.n_original or a.n, a.batch_size,
