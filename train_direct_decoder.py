@@ -38,6 +38,11 @@ def main():
                    help="start from this student checkpoint's weights and EMA under a new schedule (to train a "
                         "finished student longer or on new pairs from the same teacher); its architecture "
                         "overrides --skips; epochs so far are recorded as epochs_before (default: off)")
+    p.add_argument("--init_from_other_teacher", action="store_true",
+                   help="let --init_from be a student distilled from another teacher with the same architecture, "
+                        "e.g. an earlier checkpoint of --ddpm_ckpt: a warm start for a retrained teacher, cheaper "
+                        "than distilling from it; the earlier teacher's sha256 is recorded (default: off, such a "
+                        "student is refused)")
     p.add_argument("--no_evaluate", dest="evaluate", action="store_false",
                    help="skip the evaluation (evaluation.json) at the end")
     p.add_argument("--evaluate_only", metavar="CKPT", default="",

@@ -20,6 +20,9 @@ class TeacherConfig:
     base_dim: int = 64
     dim_mults: list = field(default_factory=lambda: [2, 4])
 
+    def __post_init__(self):
+        self.dim_mults = list(self.dim_mults)  # a tuple from inference and a list from JSON are the same architecture
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -21,7 +21,7 @@ from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, Pipeline
 from .optim import warmup_cosine
 from .plots import plot_metric_curves
 from .sampling import autocast_for, configure_precision
-from .student import SKIP_MODES, DirectDecoder, check_pairing, load_student
+from .student import SKIP_MODES, DirectDecoder, load_student
 from .unet import recalibrate_batchnorm
 
 EPOCH_RE = re.compile(r"ckpt_epoch_(\d{3,})\.pt$")
@@ -52,6 +52,7 @@ class StudentTrainOptions:
     cpu: bool = False
     evaluate: bool = True
     init_from: str = ""         # continue a finished student (weights and EMA) under a new schedule / on new pairs
+    init_from_other_teacher: bool = False  # allow init_from a student of another teacher with the same architecture
 
 
 def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
@@ -113,9 +114,19 @@ def _is_audit_classifier(path: str) -> bool:
 
 
 def _load_init(opts: StudentTrainOptions, teacher, device):
-    """The student to continue: it must come from the same teacher (its architecture then follows)."""
+    """The student to continue: from the same teacher, or, when asked, from another teacher of the same architecture
+    (e.g. an earlier checkpoint of this one), a warm start that costs a fraction of distilling from the teacher."""
     init = load_student(opts.init_from, device)
-    check_pairing(init, teacher.sha256, opts.ddpm_ckpt)
+    if init.teacher_sha256 == teacher.sha256:
+        return init
+    if not opts.init_from_other_teacher:
+        raise PipelineError(f"--init_from {init.path} was distilled from teacher sha256 {init.teacher_sha256[:12]}, "
+                            f"but --ddpm_ckpt {opts.ddpm_ckpt} has sha256 {teacher.sha256[:12]}; pass its teacher, "
+                            "or add --init_from_other_teacher to warm-start from it anyway")
+    if init.decoder.teacher_config != teacher.config:
+        raise PipelineError(f"--init_from {init.path} has the architecture of another teacher "
+                            f"({init.decoder.teacher_config.to_dict()}) than --ddpm_ckpt {opts.ddpm_ckpt} "
+                            f"({teacher.config.to_dict()}); a warm start needs the same one")
     return init
 
 
@@ -174,7 +185,8 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                 "training_data": {"path": str(opts.data_path), "sha256": sha256_file(opts.data_path),
                                   "metadata": meta},
                 "init_from": None if init is None else {"path": init.path, "sha256": init.sha256,
-                                                        "epochs_before": _epochs_so_far(init.checkpoint)}}
+                                                        "epochs_before": _epochs_so_far(init.checkpoint),
+                                                        "teacher_sha256": init.teacher_sha256}}
     if dry_run:
         print(json.dumps(resolved, indent=2, default=str))
         return resolved

@@ -110,10 +110,11 @@ def test_shipped_presets_are_consistent():
         assert p["perceptual_weight"] > 0, name
     demo = models.pipeline.PRESETS["demo"]
     assert demo["init_from"] == DEFAULT_STUDENT
-    # The seeds of its pairs, from the command that made it (the first leg's pairs are not in the checkpoint).
+    # The seeds of its pairs, from the commands that made it and the student it continues (only the last leg's pairs
+    # are in the checkpoint).
     made_by = json.loads((REPO / "checkpoints" / "MANIFEST.json").read_text())["checkpoints/student_mnist5k.pt"]
     seen = {int(seed) for seed in re.findall(r"generate_training_data\.py [^&]*--seed (\d+)", made_by["produced_by"])}
-    assert seen == {0, 1}
+    assert seen == {0, 1, 2}
     assert load_pt(DEFAULT_STUDENT)["config"]["training_data"]["metadata"]["seed"] in seen
     assert demo["pairs_seed"] not in seen
     assert not models.pipeline.PRESETS["demo_from_teacher"].get("init_from")

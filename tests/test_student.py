@@ -264,7 +264,8 @@ def test_init_from_continues_a_finished_student(tiny_student, tiny_teacher_ckpt,
     name = "unet.final_conv.weight"
     assert (fresh["model"][name] - cont["model"][name]).abs().max() > 1e-4
     record = json.loads((tmp_path / "leg" / "training_options.json").read_text())["init_from"]
-    assert record == {"path": str(tiny_student), "sha256": sha256(tiny_student), "epochs_before": 2}
+    assert record == {"path": str(tiny_student), "sha256": sha256(tiny_student), "epochs_before": 2,
+                      "teacher_sha256": sha256(tiny_teacher_ckpt)}
     assert cont["config"]["init_from"]["epochs_before"] == 2
 
 
@@ -275,10 +276,33 @@ def test_init_from_another_teachers_student_is_refused(tiny_student, tiny_teache
     torch.save(other, tmp_path / "other.pt")
     args = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--epochs", 1, "--cpu", "--no_evaluate"]
     code, _, err = train(*args, "--output_dir", tmp_path / "out", "--init_from", tmp_path / "other.pt")
-    assert code == 1 and "teacher" in one_error_line(err, allow_progress=True)
+    assert code == 1 and "--init_from_other_teacher" in one_error_line(err, allow_progress=True)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.pt"))
     code, _, err = train(*args, "--output_dir", tmp_path / "out", "--init_from", tmp_path / "missing.pt")
     assert code == 2 and "missing.pt" in one_error_line(err, allow_progress=True)
+
+
+def test_init_from_other_teacher_warm_starts_a_retrained_teachers_student(tiny_student, tiny_teacher_ckpt, tiny_pairs,
+                                                                          tmp_path, train):
+    """Asked for, a student of another teacher with the same architecture is continued, and its teacher recorded;
+    one of another architecture is still refused in one line, before any file is written."""
+    other = load_pt(tiny_student)
+    other["teacher"]["sha256"] = "0" * 64
+    torch.save(other, tmp_path / "other.pt")
+    args = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--epochs", 1, "--batch_size", 8,
+            "--lr", "1e-12", "--cpu", "--no_evaluate", "--init_from_other_teacher"]
+    code, _, err = train(*args, "--output_dir", tmp_path / "leg", "--init_from", tmp_path / "other.pt")
+    assert code == 0, err[-3000:]
+    cont = load_pt(tmp_path / "leg" / "best_model.pt")
+    assert cont["teacher"]["sha256"] == sha256(tiny_teacher_ckpt)
+    assert cont["config"]["init_from"]["teacher_sha256"] == "0" * 64
+    name = "unet.final_conv.weight"
+    assert torch.allclose(cont["model"][name], other["model"][name], atol=1e-6)
+    other["model_args"]["teacher"]["timesteps"] *= 2  # the same weights, but another teacher's schedule
+    torch.save(other, tmp_path / "other_arch.pt")
+    code, _, err = train(*args, "--output_dir", tmp_path / "refused", "--init_from", tmp_path / "other_arch.pt")
+    assert code == 1 and "architecture" in one_error_line(err, allow_progress=True)
+    assert not (tmp_path / "refused").exists()
 
 
 # ---------------------------------------------------------------- bad inputs
