@@ -1,8 +1,11 @@
 """Writes the shipped teacher's manifest (sha256, size, config, exact command, steps, wall time, machine, quality)
 from its checkpoint, the run's training_options.json / stats.jsonl, and bench/eval_teacher.py's report.
+With --refresh_eval it only replaces the evaluation of an existing manifest (e.g. after the default sampler changed).
 
     python bench/teacher_manifest.py --ckpt checkpoints/teacher_mnist5k.pt --run_dir runs/teacher_mnist5k \
         --command "$(cat runs/teacher_cmd.sh)" --wall_s 4700 --eval checkpoints/teacher_mnist5k_eval.json
+    python bench/teacher_manifest.py --ckpt checkpoints/teacher_mnist5k.pt --refresh_eval \
+        --eval checkpoints/teacher_mnist5k_eval.json
 """
 import json
 import sys
@@ -17,17 +20,29 @@ from models.cli import ArgumentParser  # noqa: E402
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="shipped teacher checkpoint")
-    p.add_argument("--run_dir", required=True, help="the train_ddpm.py output directory it came from")
-    p.add_argument("--command", required=True, help="the exact training command")
-    p.add_argument("--wall_s", type=float, required=True, help="training wall time in seconds")
+    p.add_argument("--run_dir", help="the train_ddpm.py output directory it came from")
+    p.add_argument("--command", help="the exact training command")
+    p.add_argument("--wall_s", type=float, help="training wall time in seconds")
     p.add_argument("--eval", required=True, help="bench/eval_teacher.py JSON report")
     p.add_argument("--status", default="", help="how far training got and what is next")
     p.add_argument("--out", default=None, help="manifest path (default: CKPT with .json)")
+    p.add_argument("--refresh_eval", action="store_true",
+                   help="keep the existing manifest and replace only its evaluation and sample grid")
     a = p.parse_args()
+    out = a.out or Path(a.ckpt).with_suffix(".json")
+    evaluation = json.loads(Path(a.eval).read_text())
+    if a.refresh_eval:
+        manifest = json.loads(Path(out).read_text())
+        if not manifest["sha256"] == evaluation["sha256"] == sha256_file(a.ckpt):
+            p.error(f"{a.eval} evaluates another file than {a.ckpt} and its manifest {out}")
+        atomic_write_json(manifest | _evaluation_entries(evaluation, a.eval), out)
+        print(f"teacher_manifest: evaluation in {out} refreshed from {a.eval}")
+        return
+    if not (a.run_dir and a.command and a.wall_s is not None):
+        p.error("--run_dir, --command and --wall_s are required unless --refresh_eval")
     ckpt = load_checkpoint(a.ckpt, "cpu")
     run = Path(a.run_dir)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
-    evaluation = json.loads(Path(a.eval).read_text())
     manifest = {"path": a.ckpt, "sha256": sha256_file(a.ckpt), "size_bytes": Path(a.ckpt).stat().st_size,
                 "kind": ckpt.get("kind"), "model_args": ckpt.get("model_args"),
                 "steps": int(ckpt["step"]) + int(ckpt["config"].get("steps_before", 0)),
@@ -35,11 +50,15 @@ def main():
                 "final_loss": stats[-1]["loss"], "data_source": ckpt.get("data_source"),
                 "config": ckpt["config"], "command": a.command, "wall_s": a.wall_s,
                 "machine": machine_description(threads=ckpt["config"]["options"].get("threads")),
-                "versions": ckpt.get("versions"), "status": a.status,
-                "evaluation": {k: evaluation[k] for k in ("sampler", "n", "teacher", "real_vs_real_same_n", "command")},
-                "sample_grid": str(Path(a.eval).with_suffix(".png"))}
-    atomic_write_json(manifest, a.out or Path(a.ckpt).with_suffix(".json"))
-    print(f"teacher_manifest: {a.out or Path(a.ckpt).with_suffix('.json')}")
+                "versions": ckpt.get("versions"), "status": a.status, **_evaluation_entries(evaluation, a.eval)}
+    atomic_write_json(manifest, out)
+    print(f"teacher_manifest: {out}")
+
+
+def _evaluation_entries(evaluation: dict, eval_path: str) -> dict:
+    keys = ("sampler", "n", "teacher", "real_vs_real_same_n", "audit", "command")
+    return {"evaluation": {k: evaluation[k] for k in keys if k in evaluation},
+            "sample_grid": str(Path(eval_path).with_suffix(".png"))}
 
 
 if __name__ == "__main__":

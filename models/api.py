@@ -19,7 +19,7 @@ from .hooks import Hook
 from .image_encoder import load_image_encoder
 from .io import PipelineError, pick_device
 from .noise import per_sample_noise
-from .sampling import DEFAULT_DDIM_STEPS, teacher_sample
+from .sampling import pairs_sampler, teacher_sample
 from .student import load_teacher_and_student
 
 
@@ -91,6 +91,9 @@ class DirectDecoderPipeline:
         feats = self._encoder(images.to(self.device).float())
         return (feats, *steering.attribute(feats, top_k))
 
-    def teacher_images(self, noise: torch.Tensor, steps: int = DEFAULT_DDIM_STEPS) -> torch.Tensor:
-        """The teacher's DDIM image for the same noise, to compare with the student."""
-        return teacher_sample(self.teacher.diffusion, noise.to(self.device), "ddim", steps)
+    def teacher_images(self, noise: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        """The teacher's DDIM image for the same noise, by the sampler the student learned (its training pairs'
+        K and spacing) unless ``steps`` overrides K, so the two are compared on one map."""
+        sampler = pairs_sampler(self.student.checkpoint)
+        return teacher_sample(self.teacher.diffusion, noise.to(self.device), "ddim", steps or sampler["steps"],
+                              spacing=sampler["spacing"])

@@ -28,6 +28,7 @@ from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file,
 from .noise import per_sample_noise
 from .image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
 from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
+from .sampling import pairs_sampler
 from .shards import ShardedJob
 from .student import load_teacher_and_student
 from .train_student import load_training_pairs
@@ -94,9 +95,9 @@ def latent_timestep(student_checkpoint: dict, timesteps: int) -> int:
     DDIM with leading K = 25 starts at t = 960, so its noise is x_960; an inversion that stopped at another
     timestep would hand the student latents with the wrong share of image signal.
     """
-    meta = student_checkpoint.get("training_data", {}).get("metadata", {})
-    if meta.get("sampler") == "ddim":
-        return ddim_timesteps(timesteps, int(meta["steps"]), meta.get("spacing", "trailing"))[0]
+    sampler = pairs_sampler(student_checkpoint)
+    if sampler["sampler"] == "ddim":
+        return ddim_timesteps(timesteps, sampler["steps"], sampler["spacing"])[0]
     return timesteps - 1
 
 

@@ -16,15 +16,16 @@ from .features import FeatureOptions, extract_reference_features
 from .generate import GenerateOptions, generate_training_data
 from .io import (DEFAULT_CLASSIFIER, DEFAULT_STUDENT, PipelineError, atomic_write_json, atomic_write_text,
                  load_checkpoint, prepare_output_dir, sha256_file, software_versions)
-from .sampling import DEFAULT_DDIM_STEPS
+from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, pairs_sampler
 from .train_student import StudentTrainOptions, train_student
 
 STAGES = ("generate", "train", "extract", "attribute")
 PRESETS = {
     # The first command: minutes on a 2-core CPU even on a slow day (measured in README). It continues the shipped
     # student (distilled from the shipped teacher in 50 CPU minutes) on pairs of a seed it never saw (8: it trained
-    # on seeds 0 and 1), so its evaluation is held out and its pictures are the shipped student's quality.
-    "demo": {"n_pairs": 1200, "pairs_seed": 8, "init_from": DEFAULT_STUDENT, "ddim_steps": DEFAULT_DDIM_STEPS,
+    # on seeds 0-2), so its evaluation is held out and its pictures are the shipped student's quality. Its pairs come
+    # from the teacher sampler (K, spacing) the shipped student learned, read from its checkpoint.
+    "demo": {"n_pairs": 1200, "pairs_seed": 8, "init_from": DEFAULT_STUDENT,
              "gen_batch": 250, "gen_channels_last": True, "epochs": 3, "train_batch": 32, "lr": 3e-4,
              "val_fraction": 0.2, "perceptual_weight": 0.05,
              "encoder_steps": 300, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
@@ -46,15 +47,15 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
                  classifier: str = DEFAULT_CLASSIFIER) -> dict:
     p = PRESETS[preset]
     out = Path(output_dir)
+    sampler = _init_from_sampler(p["init_from"], teacher, preset) if p.get("init_from") else \
+        {"steps": p["ddim_steps"], "spacing": DEFAULT_SPACING}
     gen = GenerateOptions(ckpt=teacher, n_samples=p["n_pairs"], batch_size=p["gen_batch"], seed=p.get("pairs_seed", 0),
-                          output_dir=str(out / "data"), steps=p["ddim_steps"],
+                          output_dir=str(out / "data"), steps=sampler["steps"], spacing=sampler["spacing"],
                           channels_last=p.get("gen_channels_last", False), cpu=cpu)
     train = StudentTrainOptions(ddpm_ckpt=teacher, data_path=str(out / "data" / "training_data.pt"),
                                 output_dir=str(out / "student"), epochs=p["epochs"], batch_size=p["train_batch"],
                                 lr=p["lr"], perceptual_weight=p["perceptual_weight"], classifier=classifier,
                                 val_fraction=p.get("val_fraction", 0.1), init_from=p.get("init_from", ""), cpu=cpu)
-    if train.init_from:
-        _check_init_from_fits(train.init_from, teacher, preset)
     feats = FeatureOptions(ddpm_ckpt=teacher, decoder_ckpt=str(out / "student" / "best_model.pt"),
                            batch_size=p["feature_batch"], output_path=str(out / "reference_features.pt"),
                            encoder_steps=p["encoder_steps"], cpu=cpu)
@@ -66,7 +67,7 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
               ("extract", lambda: extract_reference_features(feats), out / "reference_features.pt"),
               ("attribute", lambda: attribution_generation(attr), out / "attribution" / "attribution_report.json")]
     if dry_run:
-        plan = {"preset": preset, "settings": p, "teacher": teacher, "output_dir": str(out),
+        plan = {"preset": preset, "settings": p, "teacher": teacher, "teacher_sampler": sampler, "output_dir": str(out),
                 "stages": [s[0] for s in stages]}
         print(json.dumps(plan, indent=2))
         return plan
@@ -88,12 +89,14 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     return state
 
 
-def _check_init_from_fits(student_ckpt: str, teacher: str, preset: str) -> None:
-    """A preset that continues the shipped student needs the shipped teacher: say so before any work."""
-    recorded = load_checkpoint(student_ckpt, "cpu", what="student checkpoint", mmap=True).get("teacher", {})
-    if recorded.get("sha256") != sha256_file(teacher):
+def _init_from_sampler(student_ckpt: str, teacher: str, preset: str) -> dict:
+    """A preset that continues the shipped student needs the shipped teacher (said before any work), and pairs from
+    the teacher sampler that student learned."""
+    ckpt = load_checkpoint(student_ckpt, "cpu", what="student checkpoint", mmap=True)
+    if ckpt.get("teacher", {}).get("sha256") != sha256_file(teacher):
         raise PipelineError(f"--preset {preset} continues {student_ckpt}, which was distilled from another teacher "
                             f"than {teacher}; use --preset demo_from_teacher, which distils a new student from yours")
+    return pairs_sampler(ckpt)
 
 
 def _load_features_metadata(path: Path) -> dict:

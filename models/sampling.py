@@ -11,11 +11,23 @@ from .noise import per_sample_noise
 from .samplers import ddim_sample, ddpm_sample
 
 SAMPLERS = ("ddim", "ddpm")
-# Chosen from the DDIM-K quality sweep in BENCHMARKS.md (bench/bench_ddim_quality.py).
-DEFAULT_DDIM_STEPS = 25
-DEFAULT_SPACING = "leading"
+# Chosen from the DDIM-K quality sweeps in BENCHMARKS.md (bench/bench_ddim_quality.py). Trailing spacing starts
+# at t = T-1, where the starting noise is the prior (leading K = 50 starts at t = 980 and broke on teachers with a
+# poorly trained top band); K = 50 instead of 25 draws the thin 1s at their share (session 15).
+DEFAULT_DDIM_STEPS = 50
+DEFAULT_SPACING = "trailing"
 SPACING_HELP = ("leading: range(0, T, T//K) reversed (DDIM paper); trailing: round(linspace(T-1, 0, K)); "
                 "both end with a step to the clean image")
+
+
+def pairs_sampler(student_checkpoint: dict) -> dict:
+    """The teacher sampler behind a student's training pairs: the map it learned, so comparisons with the teacher,
+    continued training and inversion all use that map rather than today's default."""
+    meta = student_checkpoint.get("training_data", {}).get("metadata", {})
+    if meta.get("sampler", "ddim") != "ddim":
+        return {"sampler": meta["sampler"], "steps": DEFAULT_DDIM_STEPS, "spacing": DEFAULT_SPACING}
+    return {"sampler": "ddim", "steps": int(meta.get("steps", DEFAULT_DDIM_STEPS)),
+            "spacing": meta.get("spacing", "trailing")}
 
 
 def autocast_for(device: torch.device, precision: str):

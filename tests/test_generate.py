@@ -82,7 +82,7 @@ def test_same_command_twice_is_bitwise_identical(tiny_pairs, tiny_teacher_ckpt, 
     """Rerunning tiny_pairs' command (another process, another batch size) gives the same bytes of tensors."""
     meta = load_pt(tiny_pairs)["metadata"]
     args = ["--ckpt", tiny_teacher_ckpt, "--output_dir", tmp_path / "again", "--cpu", "--n_samples", 40,
-            "--steps", meta["steps"], "--seed", meta["seed"], "--batch_size", 8]
+            "--steps", meta["steps"], "--spacing", meta["spacing"], "--seed", meta["seed"], "--batch_size", 8]
     code, _, err = gen(*args)
     assert code == 0, err
     a, b = load_pt(tiny_pairs), load_pt(tmp_path / "again" / "training_data.pt")

@@ -72,9 +72,10 @@ def test_rerun_skips_finished_stages(tiny_run):
 
 def test_a_preset_can_continue_a_student_on_pairs_of_an_unseen_seed(tmp_path, tiny_teacher_ckpt, tiny_student,
                                                                      mnist5k):
-    """The demo's shape: continue a finished student (init_from) on pairs of another seed, and say so."""
+    """The demo's shape: continue a finished student (init_from) on pairs of another seed, from the teacher sampler
+    it learned (its K wins over the preset's), and say so."""
     preset = TINY | {"init_from": str(tiny_student), "pairs_seed": 5, "epochs": 1, "val_fraction": 0.2,
-                     "gen_channels_last": True}
+                     "gen_channels_last": True, "ddim_steps": 3}
     mp = pytest.MonkeyPatch()
     mp.setitem(models.pipeline.PRESETS, "tiny_continue", preset)
     for module in (models.features, models.attribution, models.evaluate):
@@ -86,6 +87,9 @@ def test_a_preset_can_continue_a_student_on_pairs_of_an_unseen_seed(tmp_path, ti
         mp.undo()
     pairs = load_pt(out / "data" / "training_data.pt")
     assert pairs["metadata"]["seed"] == 5 and pairs["n_samples"] == TINY["n_pairs"]
+    learned = load_pt(tiny_student)["config"]["training_data"]["metadata"]
+    assert (pairs["metadata"]["steps"], pairs["metadata"]["spacing"]) == (learned["steps"], learned["spacing"]) \
+        == (5, "leading")
     options = json.loads((out / "student" / "training_options.json").read_text())
     assert options["init_from"]["sha256"] == sha256(tiny_student)
     assert options["init_from"]["epochs_before"] == load_pt(tiny_student)["epoch"]

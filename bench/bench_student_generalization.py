@@ -1,0 +1,87 @@
+"""Is the student short of data or of capacity? Class agreement and pixel MSE with the teacher on pairs it trained
+on against pairs it held out, from the same seed and split.
+
+The pairs are regenerated from what the student's checkpoint records (seed, sampler, K, spacing, split): per-sample
+seeding makes pair i the same whatever else is generated. If agreement on the training pairs is far above the held-out
+one, more pairs are the lever; if both are low, the student's map (capacity, optimisation) is.
+
+    python bench/bench_student_generalization.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
+        --decoder_ckpt checkpoints/student_mnist5k.pt --n 500 --cpu
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from models.classifier import load_classifier  # noqa: E402
+from models.cli import ArgumentParser  # noqa: E402
+from models.evaluate import CONFIDENT  # noqa: E402
+from models.io import (DEFAULT_CLASSIFIER, PipelineError, append_jsonl, machine_description, pick_device,  # noqa: E402
+                       software_versions)
+from models.noise import per_sample_noise  # noqa: E402
+from models.sampling import pairs_sampler, teacher_sample  # noqa: E402
+from models.student import load_teacher_and_student  # noqa: E402
+from models.train_student import student_split  # noqa: E402
+
+
+def agreement_on(indices, seed, sampler, teacher, student, classifier, device, batch_size=250) -> dict:
+    agree, confident, mse = [], [], []
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo:lo + batch_size]
+        z = per_sample_noise(seed, idx, device=device)
+        with torch.no_grad():
+            target = teacher_sample(teacher.diffusion, z, "ddim", sampler["steps"], spacing=sampler["spacing"],
+                                    seed=seed, indices=idx)
+            out = student.decoder(z).float().clamp(-1, 1)
+            t_logits, s_logits = classifier(target), classifier(out)
+        agree.append(t_logits.argmax(1) == s_logits.argmax(1))
+        confident.append(t_logits.softmax(1).amax(1) >= CONFIDENT)
+        mse.append(((out - target) ** 2).flatten(1).mean(1))
+    agree, confident, mse = torch.cat(agree), torch.cat(confident), torch.cat(mse)
+    return {"n": len(indices), "class_agreement": agree.float().mean().item(),
+            "class_agreement_where_teacher_confident": agree[confident].float().mean().item(),
+            "share_teacher_confident": confident.float().mean().item(), "mse_to_teacher": mse.mean().item()}
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--ddpm_ckpt", required=True, help="teacher checkpoint")
+    p.add_argument("--decoder_ckpt", required=True, help="student checkpoint")
+    p.add_argument("--n", type=int, default=500, help="pairs on each side (training, held out)")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
+    p.add_argument("--record", default="bench/results/student_generalization.jsonl", help="append results here")
+    p.add_argument("--cpu", action="store_true", help="force CPU")
+    a = p.parse_args()
+    device = pick_device(a.cpu)
+    teacher, student = load_teacher_and_student(a.ddpm_ckpt, a.decoder_ckpt, device)
+    config = student.checkpoint["config"]
+    meta = config["training_data"]["metadata"]
+    if meta.get("teacher_sha256") != teacher.sha256:
+        raise PipelineError(f"{a.decoder_ckpt}'s last training pairs come from teacher {meta.get('teacher_sha256')}, "
+                            f"not {a.ddpm_ckpt}")
+    sampler = pairs_sampler(config)
+    n_pairs = int(config["n_pairs"])
+    opts = config["options"]
+    train_idx, val_idx = student_split(n_pairs, opts["val_fraction"], opts["seed"])
+    n = min(a.n, len(val_idx))
+    classifier = load_classifier(a.classifier, device)
+    start = time.perf_counter()
+    sides = {name: agreement_on(sorted(int(i) for i in idx[:n]), int(meta["seed"]), sampler, teacher, student,
+                                classifier, device)
+             for name, idx in (("trained_on", train_idx), ("held_out", val_idx))}
+    result = {"teacher_sha256": teacher.sha256, "student": a.decoder_ckpt, "student_sha256": student.sha256,
+              "pairs_seed": int(meta["seed"]), "n_pairs": n_pairs, "sampler": sampler,
+              "epochs_on_these_pairs": int(student.checkpoint.get("epoch", 0)), **sides,
+              "seconds": round(time.perf_counter() - start, 1), "machine": machine_description(),
+              "versions": software_versions(), "command": "python " + " ".join(sys.argv)}
+    append_jsonl(result, a.record)
+    t, v = sides["trained_on"], sides["held_out"]
+    print(f"student generalization ({n} pairs each side): agreement trained-on {t['class_agreement']:.1%} vs held-out "
+          f"{v['class_agreement']:.1%}; MSE {t['mse_to_teacher']:.4f} vs {v['mse_to_teacher']:.4f} -> {a.record}")
+
+
+if __name__ == "__main__":
+    main()
