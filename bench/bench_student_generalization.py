@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from models.classifier import load_classifier  # noqa: E402
 from models.cli import ArgumentParser  # noqa: E402
@@ -27,9 +28,9 @@ from models.student import load_teacher_and_student  # noqa: E402
 from models.train_student import student_split  # noqa: E402
 
 
-def agreement_on(indices, seed, sampler, teacher, student, classifier, device, batch_size=250) -> dict:
+def agreement_on(indices, seed, sampler, teacher, student, classifier, device, desc, batch_size=250) -> dict:
     agree, confident, mse = [], [], []
-    for lo in range(0, len(indices), batch_size):
+    for lo in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch"):
         idx = indices[lo:lo + batch_size]
         z = per_sample_noise(seed, idx, device=device)
         with torch.no_grad():
@@ -70,11 +71,12 @@ def main():
     classifier = load_classifier(a.classifier, device)
     start = time.perf_counter()
     sides = {name: agreement_on(sorted(int(i) for i in idx[:n]), int(meta["seed"]), sampler, teacher, student,
-                                classifier, device)
+                                classifier, device, name)
              for name, idx in (("trained_on", train_idx), ("held_out", val_idx))}
     result = {"teacher_sha256": teacher.sha256, "student": a.decoder_ckpt, "student_sha256": student.sha256,
               "pairs_seed": int(meta["seed"]), "n_pairs": n_pairs, "sampler": sampler,
-              "epochs_on_these_pairs": int(student.checkpoint.get("epoch", 0)), **sides,
+              "epochs_on_these_pairs": int(student.checkpoint.get("epoch", 0)),
+              "continued_from": (config.get("init_from") or {}).get("path"), **sides,
               "seconds": round(time.perf_counter() - start, 1), "machine": machine_description(),
               "versions": software_versions(), "command": "python " + " ".join(sys.argv)}
     append_jsonl(result, a.record)

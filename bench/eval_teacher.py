@@ -26,6 +26,7 @@ def main():
     p.add_argument("--n", type=int, default=1000, help="samples")
     p.add_argument("--steps", type=int, default=DEFAULT_DDIM_STEPS, help="DDIM steps")
     p.add_argument("--spacing", default=DEFAULT_SPACING, help="DDIM spacing")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (per-sample noise; another seed is another draw)")
     p.add_argument("--no_clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] at each step")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
     p.add_argument("--audit_classifier", default=AUDIT_CLASSIFIER, help="second classifier, reported as 'audit'")
@@ -35,8 +36,8 @@ def main():
     device = pick_device(a.cpu)
     teacher = load_teacher(a.ckpt, device)
     start = time.perf_counter()
-    images = sample_teacher_images(teacher.diffusion, a.n, "ddim", a.steps, a.spacing, device=device,
-                                   clip_x0=not a.no_clip)
+    images = sample_teacher_images(teacher.diffusion, a.n, "ddim", a.steps, a.spacing, seed=a.seed,
+                                   device=device, clip_x0=not a.no_clip)
     sample_s = time.perf_counter() - start
     classifier = load_classifier(a.classifier, device)
     source = evaluation_source(teacher.checkpoint.get("data_source"))
@@ -49,7 +50,7 @@ def main():
                     "classifier": a.audit_classifier}
     sampler = f"ddim K={a.steps} ({a.spacing}), eta 0" + (", x0 not clipped" if a.no_clip else "")
     result = {"checkpoint": a.ckpt, "sha256": teacher.sha256, "sampler": sampler,
-              "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "audit": audit_report, "sampling_s": round(sample_s, 1),
+              "seed": a.seed, "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "audit": audit_report, "sampling_s": round(sample_s, 1),
               "machine": machine_description(), "versions": software_versions(),
               "command": "python " + " ".join(sys.argv)}
     atomic_write_json(result, a.out)

@@ -27,7 +27,8 @@ def main():
     p.add_argument("--status", default="", help="how far training got and what is next")
     p.add_argument("--out", default=None, help="manifest path (default: CKPT with .json)")
     p.add_argument("--refresh_eval", action="store_true",
-                   help="keep the existing manifest and replace only its evaluation and sample grid")
+                   help="keep the existing manifest and replace only its evaluation and sample grid (and "
+                        "its status, if --status is given)")
     a = p.parse_args()
     out = a.out or Path(a.ckpt).with_suffix(".json")
     evaluation = json.loads(Path(a.eval).read_text())
@@ -35,7 +36,8 @@ def main():
         manifest = json.loads(Path(out).read_text())
         if not manifest["sha256"] == evaluation["sha256"] == sha256_file(a.ckpt):
             p.error(f"{a.eval} evaluates another file than {a.ckpt} and its manifest {out}")
-        atomic_write_json(manifest | _evaluation_entries(evaluation, a.eval), out)
+        status = {"status": a.status} if a.status else {}
+        atomic_write_json(manifest | _evaluation_entries(evaluation, a.eval) | status, out)
         print(f"teacher_manifest: evaluation in {out} refreshed from {a.eval}")
         return
     if not (a.run_dir and a.command and a.wall_s is not None):
