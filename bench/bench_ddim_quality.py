@@ -45,7 +45,8 @@ def main():
         q = image_quality_report(images, classifier, real[:a.n])
         rows.append((f"{sampler} K={k} {spacing}", q, seconds))
         append_jsonl({"config": rows[-1][0], "n": a.n, "checkpoint": a.ckpt, "sha256": teacher.sha256,
-                      "seconds": seconds, "machine": machine_description(), **q}, a.out)
+                      "seconds": seconds, "machine": machine_description(), **q,
+                      "command": "python " + " ".join(sys.argv)}, a.out)
     print(f"| sampler | FD | precision | recall | mean conf. | seconds ({a.n} samples) |")
     print("|---|---|---|---|---|---|")
     for name, q, seconds in rows:
