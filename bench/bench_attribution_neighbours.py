@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import load_pipeline, pipeline_parser  # noqa: E402
 from models.attribution import top_k_similar  # noqa: E402
 from models.data import load_dataset  # noqa: E402
-from models.io import append_jsonl, machine_description  # noqa: E402
+from models.io import append_jsonl, machine_description, run_cli  # noqa: E402
 
 
 def nearest_by_l2(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -78,4 +78,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

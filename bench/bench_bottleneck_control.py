@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.classifier import load_classifier  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
-from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
+from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device, run_cli  # noqa: E402
 from models.noise import per_sample_noise  # noqa: E402
 from models.student import load_student  # noqa: E402
 
@@ -44,7 +44,7 @@ def main():
     p.add_argument("--n", type=int, default=256, help="latent pairs")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
     p.add_argument("--record", default="bench/results/bottleneck_control.jsonl", help="append results here")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     a = p.parse_args()
     device = pick_device(a.cpu)
     classifier = load_classifier(a.classifier, device)
@@ -59,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import load_pipeline, pipeline_parser  # noqa: E402
-from models.io import append_jsonl, machine_description  # noqa: E402
+from models.io import append_jsonl, machine_description, run_cli  # noqa: E402
 
 
 def nearest_member_hook(members: torch.Tensor, strength: float):
@@ -58,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.checkpoint import load_teacher  # noqa: E402
 from models.classifier import load_classifier  # noqa: E402
 from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images  # noqa: E402
-from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device  # noqa: E402
+from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device, run_cli  # noqa: E402
 from models.metrics import image_quality_report  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
     p.add_argument("--no_ddpm", action="store_true", help="skip the 1000-step DDPM reference")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
     p.add_argument("--out", default="bench/results/ddim_quality.jsonl", help="appends one JSON line per config")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     a = p.parse_args()
     device = pick_device(a.cpu)
     teacher = load_teacher(a.ckpt, device)
@@ -56,4 +56,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.cli import ArgumentParser  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
 from models.evaluate import evaluate_student_checkpoint  # noqa: E402
 from models.generate import GenerateOptions, generate_training_data  # noqa: E402
 from models.io import (DEFAULT_TEACHER, append_jsonl, atomic_save, load_checkpoint,  # noqa: E402
-                       machine_description)
+                       machine_description, run_cli)
 from models.train_student import StudentTrainOptions, train_student  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main():
                    "validation split (10%%)")
     p.add_argument("--work", default="runs/bench_demo_student", help="pair sets and students")
     p.add_argument("--record", default="bench/results/demo_student.jsonl", help="appends one JSON line per student")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     a = p.parse_args()
     configs = [parse_config(c, a.perceptual_weight) for c in a.configs]
     work = Path(a.work)
@@ -105,4 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

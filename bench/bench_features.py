@@ -15,9 +15,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.checkpoint import load_teacher  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
 from models.features import FeatureOptions, extract_reference_features, latent_timestep  # noqa: E402
-from models.io import append_jsonl, machine_description, pick_device  # noqa: E402
+from models.io import append_jsonl, machine_description, pick_device, run_cli  # noqa: E402
 from models.noise import per_sample_noise  # noqa: E402
 from models.samplers import ddim_invert, inversion_timesteps  # noqa: E402
 from models.sampling import teacher_sample  # noqa: E402
@@ -47,7 +47,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=500, help="images per batch")
     p.add_argument("--round_trip_n", type=int, default=128, help="latents for the teacher round trip")
     p.add_argument("--record", default="bench/results/features.jsonl", help="append results here")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     a = p.parse_args()
     device = pick_device(a.cpu)
     teacher, student = load_teacher(a.ddpm_ckpt, device), load_student(a.decoder_ckpt, device)
@@ -85,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

@@ -22,10 +22,10 @@ import torch  # noqa: E402
 
 from models.checkpoint import load_teacher  # noqa: E402
 from models.generate import GenerateOptions, generate_training_data  # noqa: E402
-from models.io import append_jsonl, load_checkpoint, machine_description, pick_device  # noqa: E402
+from models.io import append_jsonl, load_checkpoint, machine_description, pick_device, run_cli  # noqa: E402
 from models.samplers import ddpm_reverse_step  # noqa: E402
 from models.sampling import DEFAULT_DDIM_STEPS  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
 
 
 @torch.inference_mode()
@@ -106,7 +106,7 @@ def main():
     p.add_argument("--channels_last_too", action="store_true",
                    help="also time --channels_last (A/B/A against the default memory format)")
     p.add_argument("--out", default="bench/results/generate.jsonl", help="appends one JSON line")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     a = p.parse_args()
     device = pick_device(a.cpu)
     teacher = load_teacher(a.ckpt, device)
@@ -141,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

@@ -18,10 +18,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models.classifier import load_classifier  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
 from models.evaluate import CONFIDENT  # noqa: E402
 from models.io import (DEFAULT_CLASSIFIER, PipelineError, append_jsonl, machine_description, pick_device,  # noqa: E402
-                       software_versions)
+                       software_versions, run_cli)
 from models.noise import per_sample_noise  # noqa: E402
 from models.sampling import pairs_sampler, teacher_sample  # noqa: E402
 from models.student import load_teacher_and_student  # noqa: E402
@@ -54,7 +54,7 @@ def main():
     p.add_argument("--n", type=int, default=500, help="pairs on each side (training, held out)")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
     p.add_argument("--record", default="bench/results/student_generalization.jsonl", help="append results here")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     a = p.parse_args()
     device = pick_device(a.cpu)
     teacher, student = load_teacher_and_student(a.ddpm_ckpt, a.decoder_ckpt, device)
@@ -86,4 +86,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

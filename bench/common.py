@@ -1,7 +1,7 @@
 """What the benches that measure a trained pipeline (teacher, student, reference features) share."""
 from models.api import DirectDecoderPipeline
 from models.classifier import load_classifier
-from models.cli import ArgumentParser
+from models.cli import ArgumentParser, add_cpu_flag
 from models.io import DEFAULT_CLASSIFIER, pick_device
 
 
@@ -13,7 +13,7 @@ def pipeline_parser(doc: str, record: str, n: int = 256) -> ArgumentParser:
     p.add_argument("--n", type=int, default=n, help="generations")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
     p.add_argument("--record", default=record, help="append results here")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     return p
 
 

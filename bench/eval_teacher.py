@@ -14,10 +14,10 @@ from models.checkpoint import load_teacher  # noqa: E402
 from models.classifier import load_classifier  # noqa: E402
 from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images  # noqa: E402
 from models.io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, atomic_write_json, machine_description, pick_device,  # noqa: E402
-                       save_image_grid, software_versions)
+                       save_image_grid, software_versions, run_cli)
 from models.metrics import image_quality_report  # noqa: E402
 from models.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
     p.add_argument("--audit_classifier", default=AUDIT_CLASSIFIER, help="second classifier, reported as 'audit'")
     p.add_argument("--out", required=True, help="JSON report; the grid goes beside it as .png")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_cpu_flag(p)
     a = p.parse_args()
     device = pick_device(a.cpu)
     teacher = load_teacher(a.ckpt, device)
@@ -64,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.checkpoint import load_teacher  # noqa: E402
 from models.cli import ArgumentParser  # noqa: E402
 from models.data import load_dataset  # noqa: E402
-from models.io import append_jsonl, machine_description  # noqa: E402
+from models.io import append_jsonl, machine_description, run_cli  # noqa: E402
 from models.unet import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
 
 BANDS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 850), (850, 950), (950, 1000)]
@@ -149,4 +149,4 @@ def per_t_main(a, images: torch.Tensor, train_images: torch.Tensor) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

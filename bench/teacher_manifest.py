@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.io import atomic_write_json, load_checkpoint, machine_description, sha256_file  # noqa: E402
+from models.io import (atomic_write_json, load_checkpoint, machine_description, require_file, run_cli,  # noqa: E402
+                       sha256_file)
 from models.cli import ArgumentParser  # noqa: E402
 
 
@@ -31,7 +32,8 @@ def main():
                         "its status, if --status is given)")
     a = p.parse_args()
     out = a.out or Path(a.ckpt).with_suffix(".json")
-    evaluation = json.loads(Path(a.eval).read_text())
+    require_file(a.ckpt, "teacher checkpoint", suffix=".pt")
+    evaluation = json.loads(require_file(a.eval, "evaluation report", "run bench/eval_teacher.py first").read_text())
     if a.refresh_eval:
         manifest = json.loads(Path(out).read_text())
         if not manifest["sha256"] == evaluation["sha256"] == sha256_file(a.ckpt):
@@ -64,4 +66,4 @@ def _evaluation_entries(evaluation: dict, eval_path: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, resumable=False)

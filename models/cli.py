@@ -6,8 +6,12 @@ import sys
 from dataclasses import fields
 
 
-def add_common(parser: argparse.ArgumentParser, resume: bool = False) -> None:
+def add_cpu_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+
+
+def add_common(parser: argparse.ArgumentParser, resume: bool = False) -> None:
+    add_cpu_flag(parser)
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="resolve and print the configuration, check the inputs, and exit without work")
     if resume:

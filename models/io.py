@@ -47,14 +47,16 @@ class MissingInputError(PipelineError):
         super().__init__(message, EXIT_MISSING)
 
 
-def run_cli(main: Callable[[], Any]) -> None:
+def run_cli(main: Callable[[], Any], resumable: bool = True) -> None:
+    """Runs a script's main: a refused input is one "error:" line and its exit code, not a traceback.
+    ``resumable=False`` (the benches) drops the hint that rerunning resumes."""
     try:
         main()
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        print("interrupted: rerun the same command to resume" if resumable else "interrupted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -155,16 +157,24 @@ def truncate_jsonl(path: str | os.PathLike, key: str, last) -> None:
         atomic_write_text("".join(line + "\n" for line in kept), path)
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "checkpoint",
-                    fix: str = "", mmap: bool = False) -> dict:
-    """Loads with ``weights_only=True`` straight onto ``device``; every failure becomes one actionable line.
-    ``mmap=True`` (CPU only) reads tensors lazily: for callers that only want a large file's metadata."""
+def require_file(path: str | os.PathLike, what: str, fix: str = "", suffix: str = "") -> Path:
+    """``path`` as a Path if it is a file; otherwise the missing-input error (exit 2) naming the fix."""
     path = Path(path)
     hint = f"; {fix}" if fix else ""
     if not path.exists():
         raise MissingInputError(f"{what} not found: {path}{hint}")
     if path.is_dir():
-        raise MissingInputError(f"{what} path is a directory, expected a .pt file: {path}{hint}")
+        raise MissingInputError(f"{what} path is a directory, expected a {suffix + ' ' if suffix else ''}file: "
+                                f"{path}{hint}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "checkpoint",
+                    fix: str = "", mmap: bool = False) -> dict:
+    """Loads with ``weights_only=True`` straight onto ``device``; every failure becomes one actionable line.
+    ``mmap=True`` (CPU only) reads tensors lazily: for callers that only want a large file's metadata."""
+    path = require_file(path, what, fix, suffix=".pt")
+    hint = f"; {fix}" if fix else ""
     start = time.perf_counter()
     try:
         obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)

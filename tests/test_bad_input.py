@@ -342,6 +342,7 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch, capsys, files, 
 SCRIPTS = ("train_ddpm.py", "generate_training_data.py", "train_direct_decoder.py", "test_direct_decoder.py",
            "extract_reference_features.py", "attribution_generation.py", "run_pipeline.py", "verify_models.py",
            "train_classifier.py")
+BENCHES = tuple(f"bench/{path.name}" for path in sorted((REPO / "bench").glob("*.py")) if path.name != "common.py")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -355,7 +356,7 @@ def test_usage_errors_are_one_line_exit_1(script, monkeypatch, capsys, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + BENCHES)
 def test_help_explains_every_option_with_its_default(script, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_main_in_process(REPO / script, ["--help"], monkeypatch, capsys)
@@ -371,3 +372,39 @@ def test_help_explains_every_option_with_its_default(script, monkeypatch, capsys
         assert len(words) >= 3, f"{script}: {option} is not explained: {block!r}"
         if option in taking_values:
             assert "(default:" in " ".join(words), f"{script}: {option} does not show its default"
+
+
+# ---------------------------------------------------------------- benches
+
+BENCH_MISSING_INPUT = {
+    # script: arguments, with MISSING where a model goes; OUT is where the bench would write its record
+    "bench_attribution_neighbours.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING",
+                                        "--ref_features_path", "MISSING", "--record", "OUT", "--cpu"],
+    "bench_bottleneck_control.py": ["--students", "MISSING", "--record", "OUT", "--cpu"],
+    "bench_class_hook.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--ref_features_path", "MISSING",
+                            "--record", "OUT", "--cpu"],
+    "bench_ddim_quality.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "bench_demo_student.py": ["--ckpt", "MISSING", "--record", "OUT", "--cpu"],
+    "bench_features.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT", "--cpu"],
+    "bench_generate.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "bench_student_generalization.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT", "--cpu"],
+    "eval_teacher.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "teacher_loss_by_t.py": ["MISSING", "--record", "OUT"],
+    "teacher_manifest.py": ["--ckpt", "MISSING", "--eval", "MISSING", "--out", "OUT"],
+}
+
+
+def test_every_bench_has_a_missing_input_case():
+    assert sorted(f"bench/{name}" for name in BENCH_MISSING_INPUT) == sorted(BENCHES)
+
+
+@pytest.mark.parametrize("script", BENCH_MISSING_INPUT)
+def test_bench_missing_model_is_one_line_exit_2(script, monkeypatch, capsys, tmp_path):
+    """A bench pointed at a checkpoint that is not there says so in one line (exit 2), like the stages, and
+    appends nothing to its record."""
+    monkeypatch.chdir(tmp_path)
+    missing, record = tmp_path / "no_such_model.pt", tmp_path / "results" / "record.jsonl"
+    args = [{"MISSING": missing, "OUT": record}.get(a, a) for a in BENCH_MISSING_INPUT[script]]
+    code, _, err = run_main_in_process(REPO / "bench" / script, args, monkeypatch, capsys)
+    _assert_refused(code, err, 2, ("not found", "no_such_model.pt"))
+    assert list(tmp_path.iterdir()) == []
