@@ -377,6 +377,7 @@ def test_help_explains_every_option_with_its_default(script, monkeypatch, capsys
 # ---------------------------------------------------------------- benches
 
 BENCH_MISSING_INPUT = {
+    "average_teacher_checkpoints.py": ["MISSING", "MISSING", "--out", "OUT"],
     # script: arguments, with MISSING where a model goes; OUT is where the bench would write its record
     "bench_attribution_neighbours.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING",
                                         "--ref_features_path", "MISSING", "--record", "OUT", "--cpu"],

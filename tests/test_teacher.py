@@ -1,14 +1,19 @@
 """The teacher is upstream MNISTDiffusion, bit for bit: its checkpoints load strictly and its arithmetic matches."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from helpers import load_pt, run_main_in_process
 from models.checkpoint import infer_teacher_config, load_teacher, strip_ema
 from models.diffusion import MNISTDiffusion, TeacherConfig
 from models.io import MissingInputError, PipelineError
 from models.samplers import ddpm_reverse_step
 from models.schedule import schedule_buffers
+
+REPO = Path(__file__).resolve().parents[1]
 
 TOL = 1e-5
 
@@ -123,3 +128,28 @@ def test_load_teacher_user_errors(tmp_path, upstream_raw):
     with pytest.raises(PipelineError) as err:
         load_teacher(garbage)
     assert err.value.exit_code == 1
+
+
+def test_average_teacher_checkpoints_is_the_elementwise_mean(tmp_path, upstream_raw, monkeypatch, capsys):
+    """bench/average_teacher_checkpoints.py: float weights averaged, integer buffers kept, optimizer dropped, and the
+    result loads as a teacher with its sources recorded."""
+    first = {"model": dict(upstream_raw["model"]), "model_ema": dict(upstream_raw["model_ema"]), "optimizer": {}}
+    second = {name: {k: v + 1 if v.is_floating_point() else v for k, v in first[name].items()}
+              for name in ("model", "model_ema")}
+    paths = [_write(tmp_path, first, "a.pt"), _write(tmp_path, second, "b.pt")]
+    out = tmp_path / "avg.pt"
+    code, stdout, err = run_main_in_process(REPO / "bench" / "average_teacher_checkpoints.py",
+                                            [*paths, "--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    averaged = load_pt(out)
+    assert "optimizer" not in averaged
+    assert [entry["path"] for entry in averaged["averaged_from"]] == [str(p) for p in paths]
+    for name in ("model", "model_ema"):
+        for key, value in first[name].items():
+            expected = value + 0.5 if value.is_floating_point() else value
+            assert torch.allclose(averaged[name][key], expected, atol=1e-6), (name, key)
+    assert averaged["model_ema"]["n_averaged"] == first["model_ema"]["n_averaged"]
+    teacher = load_teacher(out)
+    assert teacher.weights == "ema"
+    assert torch.equal(teacher.diffusion.model.final_conv.weight,
+                       averaged["model_ema"]["module.model.final_conv.weight"])
