@@ -12,36 +12,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.checkpoint import load_teacher  # noqa: E402
+from models.checkpoint import LoadedTeacher, load_teacher, total_steps  # noqa: E402
 from models.cli import ArgumentParser  # noqa: E402
-from models.io import PipelineError, atomic_save, run_cli, sha256_file, software_versions  # noqa: E402
+from models.io import PipelineError, atomic_save, run_cli, software_versions  # noqa: E402
 
 WEIGHT_SETS = ("model", "model_ema")
 
 
-def total_steps(ckpt: dict):
-    """Steps since initialisation, over every leg (None for a checkpoint that does not record them)."""
-    if "step" not in ckpt:
-        return None
-    return int(ckpt["step"]) + int(ckpt.get("config", {}).get("steps_before", 0))
-
-
-def average_checkpoints(checkpoints: list[dict], paths: list[str]) -> dict:
-    last = checkpoints[-1]
-    averaged = {k: v for k, v in last.items() if k not in ("optimizer", "scheduler") and not k.startswith("_")}
+def average_checkpoints(teachers: list[LoadedTeacher]) -> dict:
+    last = teachers[-1]
+    for teacher in teachers:
+        if teacher.config != last.config:
+            raise PipelineError(f"{teacher.path} and {last.path} do not share an architecture "
+                                f"({teacher.config.to_dict()} vs {last.config.to_dict()})")
+    checkpoints = [t.checkpoint for t in teachers]
+    averaged = {k: v for k, v in last.checkpoint.items()
+                if k not in ("optimizer", "scheduler") and not k.startswith("_")}
     for name in WEIGHT_SETS:
-        if name not in last:
+        if name not in last.checkpoint:
             continue
-        reference = last[name]
-        for ckpt, path in zip(checkpoints, paths):
-            state = ckpt.get(name)
-            if state is None or state.keys() != reference.keys() or any(
-                    state[k].shape != reference[k].shape for k in reference):
-                raise PipelineError(f"{path} and {paths[-1]} do not share an architecture ({name!r} differs)")
-        averaged[name] = {k: (sum(c[name][k] for c in checkpoints) / len(checkpoints)
-                              if v.is_floating_point() else v) for k, v in reference.items()}
-    averaged["averaged_from"] = [{"path": p, "sha256": sha256_file(p), "steps": total_steps(c)}
-                                 for c, p in zip(checkpoints, paths)]
+        missing = [t.path for t in teachers if name not in t.checkpoint]
+        if missing:
+            raise PipelineError(f"{missing[0]} has no {name!r} weights to average with {last.path}'s")
+        averaged[name] = {k: (sum(c[name][k] for c in checkpoints) / len(checkpoints) if v.is_floating_point() else v)
+                          for k, v in last.checkpoint[name].items()}
+    averaged["averaged_from"] = [{"path": t.path, "sha256": t.sha256,
+                                  "steps": total_steps(t.checkpoint) if "step" in t.checkpoint else None}
+                                 for t in teachers]
     averaged["versions"] = software_versions()
     return averaged
 
@@ -53,8 +50,7 @@ def main():
     a = p.parse_args()
     if len(a.checkpoints) < 2:
         p.error("give at least two checkpoints to average")
-    checkpoints = [load_teacher(path, "cpu").checkpoint for path in a.checkpoints]
-    atomic_save(average_checkpoints(checkpoints, a.checkpoints), a.out)
+    atomic_save(average_checkpoints([load_teacher(path, "cpu") for path in a.checkpoints]), a.out)
     print(f"average_teacher_checkpoints: {len(a.checkpoints)} checkpoints averaged -> {a.out}")
 
 

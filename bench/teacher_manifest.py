@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.io import (atomic_write_json, load_checkpoint, machine_description, require_file, run_cli,  # noqa: E402
                        sha256_file)
+from models.checkpoint import total_steps  # noqa: E402
 from models.cli import ArgumentParser  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main():
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
     manifest = {"path": a.ckpt, "sha256": sha256_file(a.ckpt), "size_bytes": Path(a.ckpt).stat().st_size,
                 "kind": ckpt.get("kind"), "model_args": ckpt.get("model_args"),
-                "steps": int(ckpt["step"]) + int(ckpt["config"].get("steps_before", 0)),
+                "steps": total_steps(ckpt),
                 "steps_this_schedule": int(ckpt["step"]), "total_steps_planned": ckpt["config"]["total_steps"],
                 "final_loss": stats[-1]["loss"], "data_source": ckpt.get("data_source"),
                 "config": ckpt["config"], "command": a.command, "wall_s": a.wall_s,

@@ -13,6 +13,12 @@ TEACHER_FIX = "pass an MNISTDiffusion checkpoint (train one with `python train_d
 EMA_PREFIX = "module."
 
 
+def total_steps(ckpt: dict) -> int:
+    """Optimizer steps since initialisation over every leg: a ``--init_from`` continuation's ``step`` counts only
+    its own leg, and its config records the steps before it."""
+    return int(ckpt.get("step") or 0) + int((ckpt.get("config") or {}).get("steps_before") or 0)
+
+
 def strip_ema(ema_state: dict) -> dict:
     """AveragedModel keeps the wrapped module under ``module.`` and adds ``n_averaged``."""
     return {k[len(EMA_PREFIX):]: v for k, v in ema_state.items() if k.startswith(EMA_PREFIX)}

@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+from .checkpoint import total_steps
 from .io import MissingInputError, PipelineError, atomic_write_json, load_checkpoint, sha256_file
 
 MANIFEST = Path("checkpoints/MANIFEST.json")
@@ -15,9 +16,8 @@ def describe(path: Path) -> dict:
     kind = ckpt.get("kind") or ("teacher (upstream format)" if "model_ema" in ckpt else "unknown")
     entry = {"kind": kind, "model_args": ckpt.get("model_args"), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
              "data_source": ckpt.get("data_source") or ckpt.get("dataset")}
-    steps_before = (ckpt.get("config") or {}).get("steps_before")
-    if steps_before and ckpt.get("step") is not None:  # a --init_from continuation: `step` counts only its own leg
-        entry["steps_total"] = int(ckpt["step"]) + int(steps_before)
+    if (ckpt.get("config") or {}).get("steps_before") and ckpt.get("step") is not None:  # an --init_from leg
+        entry["steps_total"] = total_steps(ckpt)
     return entry
 
 

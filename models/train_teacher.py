@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
+from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state, total_steps
 from .data import load_dataset
 from .diffusion import MNISTDiffusion, TeacherConfig
 from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, load_checkpoint, pick_device,
@@ -124,8 +124,7 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     if opts.init_from:
         init = load_teacher(opts.init_from, device)  # validates the file; its architecture wins over the flags
         model_args = init.config
-        steps_before = int(init.checkpoint.get("step") or 0) + int(
-            init.checkpoint.get("config", {}).get("steps_before", 0))
+        steps_before = total_steps(init.checkpoint)
     resolved = {"options": asdict(opts), "model_args": model_args.to_dict(), "total_steps": total,
                 "steps_before": steps_before,
                 "init_from": {"path": init.path, "sha256": init.sha256} if init else None,
