@@ -20,7 +20,29 @@ def main():
     p.add_argument("--huber_delta", type=float, default=d.huber_delta, help="Huber transition point")
     p.add_argument("--perceptual_weight", type=float, default=d.perceptual_weight,
                    help="weight of a feature-matching loss in the project classifier's feature space (0: off)")
-    p.add_argument("--classifier", default=d.classifier, help="classifier for the perceptual loss and evaluation")
+    p.add_argument("--classifier", default=d.classifier,
+                   help="classifier for the perceptual and class terms, the per-epoch val FD and the evaluation "
+                        "(never the audit classifier, which only judges)")
+    p.add_argument("--class_weight", type=float, default=d.class_weight,
+                   help="weight of a cross-entropy term: --classifier on the student's image against the class it "
+                        "gives the teacher's image of the same noise (0: off)")
+    p.add_argument("--adv_weight", type=float, default=d.adv_weight,
+                   help="weight of the adversarial hinge term from a spectrally normalised discriminator (0: off, "
+                        "regression only); with it on, best_model.pt is chosen by val FD instead of val loss")
+    p.add_argument("--adv_start_epoch", type=int, default=d.adv_start_epoch,
+                   help="epochs of regression alone before the adversarial term joins")
+    p.add_argument("--adv_real", choices=["dataset", "teacher", "both"], default=d.adv_real,
+                   help="the discriminator's real images: --adv_dataset digits, the teacher's training images, or both")
+    p.add_argument("--adv_dataset", default=d.adv_dataset,
+                   help="dataset of real images for the discriminator and the val FD (offline sources only unless "
+                        "already downloaded)")
+    p.add_argument("--fixed_adv_weight", dest="adv_adaptive", action="store_false",
+                   help="use --adv_weight as it is; by default it is a share of the regression's gradient norm at the "
+                        "decoder's last layer (adaptive, as in VQGAN), which needs no retuning across losses")
+    p.add_argument("--disc_width", type=int, default=d.disc_width, help="discriminator width (channels of its first layer)")
+    p.add_argument("--disc_lr", type=float, default=d.disc_lr, help="discriminator learning rate (Adam, betas 0, 0.99)")
+    p.add_argument("--disc_shift", type=int, default=d.disc_shift,
+                   help="max random translation in pixels of both real and fake discriminator inputs (0: none)")
     p.add_argument("--ema_decay", type=float, default=d.ema_decay, help="EMA decay per step (with warm-up)")
     p.add_argument("--bn_samples", type=int, default=d.bn_samples,
                    help="training latents over which the EMA model's BatchNorm statistics are recomputed before "

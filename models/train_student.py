@@ -26,6 +26,7 @@ from .unet import recalibrate_batchnorm
 
 EPOCH_RE = re.compile(r"ckpt_epoch_(\d{3,})\.pt$")
 LOSSES = ("mse", "huber")
+ADV_REAL = ("dataset", "teacher", "both")
 
 
 @dataclass
@@ -41,6 +42,15 @@ class StudentTrainOptions:
     huber_delta: float = 0.1
     perceptual_weight: float = 0.0
     classifier: str = DEFAULT_CLASSIFIER
+    class_weight: float = 0.0   # cross-entropy of the classifier on the student's image against the teacher image's class
+    adv_weight: float = 0.0     # weight of the adversarial (hinge) term; 0: regression only
+    adv_start_epoch: int = 0    # epochs of regression alone before the adversarial term joins
+    adv_real: str = "dataset"   # what the discriminator sees as real: dataset digits, teacher images, or both
+    adv_dataset: str = "mnist5k"
+    disc_width: int = 64
+    disc_lr: float = 2e-4
+    disc_shift: int = 2         # random translation (pixels) of real and fake discriminator inputs
+    adv_adaptive: bool = True   # scale the adversarial term to the regression's gradient at the last layer
     ema_decay: float = 0.999
     bn_samples: int = 1024      # training latents used to recompute the EMA model's BatchNorm statistics
     grad_clip: float = 1.0
@@ -97,7 +107,16 @@ def _validate(opts: StudentTrainOptions) -> None:
         raise PipelineError(f"--loss must be one of {LOSSES}, got {opts.loss!r}")
     if not (0 <= opts.perceptual_weight < math.inf):
         raise PipelineError(f"--perceptual_weight must be finite and >= 0, got {opts.perceptual_weight}")
-    if opts.perceptual_weight > 0 and _is_audit_classifier(opts.classifier):
+    for name in ("class_weight", "adv_weight"):
+        if not (0 <= getattr(opts, name) < math.inf):
+            raise PipelineError(f"--{name} must be finite and >= 0, got {getattr(opts, name)}")
+    if opts.adv_real not in ADV_REAL:
+        raise PipelineError(f"--adv_real must be one of {ADV_REAL}, got {opts.adv_real!r}")
+    if opts.adv_start_epoch < 0 or opts.disc_width <= 0 or opts.disc_shift < 0:
+        raise PipelineError("--adv_start_epoch and --disc_shift must be >= 0 and --disc_width positive")
+    if not (opts.disc_lr > 0 and math.isfinite(opts.disc_lr)):
+        raise PipelineError(f"--disc_lr must be a positive number, got {opts.disc_lr}")
+    if (opts.perceptual_weight > 0 or opts.class_weight > 0) and _is_audit_classifier(opts.classifier):
         raise PipelineError(f"--classifier {opts.classifier} is the audit classifier, which only scores students (a "
                             f"loss in its space would make its numbers meaningless); pass {DEFAULT_CLASSIFIER}")
     if not (0 < opts.val_fraction < 1):
@@ -137,24 +156,59 @@ def _epochs_so_far(ckpt: dict) -> int:
 
 
 class DistillationLoss:
-    """Pixel loss (MSE or Huber) plus an optional perceptual term in the project classifier's feature space."""
+    """Pixel loss (MSE or Huber), plus optional terms in the project classifier's space: a perceptual one (feature
+    match to the teacher image) and a class one (the teacher image's class as the target), the latter because a
+    student can be close in pixels and still draw another digit. Returns the total and its parts."""
 
     def __init__(self, opts: StudentTrainOptions, device):
         self.opts = opts
         self.classifier = None
-        if opts.perceptual_weight > 0:
+        if opts.perceptual_weight > 0 or opts.class_weight > 0:
             from .classifier import load_classifier
             self.classifier = load_classifier(opts.classifier, device)
 
-    def __call__(self, pred, target):
+    @torch.no_grad()
+    def teacher_classes(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor | None:
+        if self.classifier is None or self.opts.class_weight == 0:
+            return None
+        return torch.cat([self.classifier(images[s:s + batch_size]).argmax(1)
+                          for s in range(0, images.shape[0], batch_size)])
+
+    def __call__(self, pred, target, target_class=None) -> tuple[torch.Tensor, dict]:
         if self.opts.loss == "mse":
             loss = F.mse_loss(pred, target)
         else:
             loss = F.huber_loss(pred, target, delta=self.opts.huber_delta)
+        parts = {"pixel": loss.item()}
         if self.classifier is not None:
-            loss = loss + self.opts.perceptual_weight * F.mse_loss(self.classifier.features(pred),
-                                                                   self.classifier.features(target))
-        return loss
+            feats = self.classifier.features(pred)
+            if self.opts.perceptual_weight > 0:
+                perceptual = F.mse_loss(feats, self.classifier.features(target))
+                loss = loss + self.opts.perceptual_weight * perceptual
+                parts["perceptual"] = perceptual.item()
+            if target_class is not None:
+                class_loss = F.cross_entropy(self.classifier.head(feats), target_class)
+                loss = loss + self.opts.class_weight * class_loss
+                parts["class"] = class_loss.item()
+        return loss, parts
+
+
+def adaptive_adv_scale(regression: torch.Tensor, adversarial: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """||grad regression|| / ||grad adversarial|| at the last layer (as in VQGAN), so --adv_weight is a share of the
+    regression's pull, whatever the scale of the pixel loss and of the discriminator's scores."""
+    g_reg = torch.autograd.grad(regression, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0]
+    return (g_reg.norm() / (g_adv.norm() + 1e-4)).clamp(max=1e4).detach()
+
+
+def _real_images_for_discriminator(opts: StudentTrainOptions, teacher_images: torch.Tensor) -> torch.Tensor:
+    from .data import load_dataset
+    parts = []
+    if opts.adv_real in ("dataset", "both"):
+        parts.append(load_dataset(opts.adv_dataset).images)
+    if opts.adv_real in ("teacher", "both"):
+        parts.append(teacher_images.cpu())
+    return torch.cat(parts)
 
 
 def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool = False) -> dict:
@@ -191,6 +245,7 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         print(json.dumps(resolved, indent=2, default=str))
         return resolved
     out = prepare_output_dir(opts.output_dir)
+    noise, images = data["noise"].to(device), data["images"].to(device)
     torch.manual_seed(opts.seed)
     student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips).to(device)
     ema = make_student_ema(student, opts.ema_decay)
@@ -200,6 +255,14 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
     loss_fn = DistillationLoss(opts, device)
+    teacher_class = loss_fn.teacher_classes(images)
+    val_fd = ValidationFrechet(opts.classifier, opts.adv_dataset, device) if opts.adv_weight > 0 else None
+    selected_by = "val_loss" if val_fd is None else "val_fd"
+    adversarial = None
+    if opts.adv_weight > 0:
+        from .adversarial import AdversarialTerm
+        adversarial = AdversarialTerm(_real_images_for_discriminator(opts, images[train_idx]), opts.disc_width,
+                                      opts.disc_lr, opts.disc_shift, device)
     start_epoch, best_val = 0, math.inf
     latest = checkpoint_to_resume(list_epoch_checkpoints(out), resume, out)
     if latest is not None:
@@ -208,12 +271,16 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
             raise PipelineError(f"--resume with different data, teacher or length than {latest.name}; "
                                 "use the original command")
         restore_training_state(ckpt, student, ema, optimizer, scheduler)
-        start_epoch, best_val = int(ckpt["epoch"]), float(ckpt["best_val_loss"])
+        if adversarial is not None:
+            if "discriminator" not in ckpt:
+                raise PipelineError(f"{latest.name} was written without the adversarial term; resume it without "
+                                    "--adv_weight, or start a new --output_dir")
+            adversarial.load_state_dict(ckpt["discriminator"])
+        start_epoch, best_val = int(ckpt["epoch"]), float(ckpt.get("best_score", ckpt.get("best_val_loss")))
         truncate_jsonl(out / "stats.jsonl", "epoch", start_epoch)
         print(f"resumed from {latest} (epoch {start_epoch}/{opts.epochs})")
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 
-    noise, images = data["noise"].to(device), data["images"].to(device)
     preview = val_idx[:opts.n_preview]
     stats_path = out / "stats.jsonl"
     print(f"teacher {teacher.path} + {n} pairs loaded to {device} in {time.perf_counter() - t0:.2f}s; "
@@ -223,15 +290,29 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         student.train()
         order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(opts.seed * 7919 + epoch))]
         running, seen = 0.0, 0
+        part_sums: dict[str, float] = {}
+        # augmentation and real-batch draws of this epoch, replayed identically by --resume
+        adv_gen = torch.Generator().manual_seed(opts.seed * 104729 + epoch)
+        use_adv = adversarial is not None and epoch >= opts.adv_start_epoch
         bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="step", dynamic_ncols=True,
                    leave=False)
         for s in bar:
             idx = order[s * opts.batch_size:(s + 1) * opts.batch_size]
             with autocast_for(device, opts.precision):
-                loss = loss_fn(student(noise[idx]).float(), images[idx])
-            if not torch.isfinite(loss):
-                raise PipelineError(f"loss became {loss.item()} in epoch {epoch + 1}; stopped. The last good "
-                                    f"checkpoint is kept in {out}; lower --lr and --resume or start again")
+                pred = student(noise[idx]).float()
+                loss, parts = loss_fn(pred, images[idx], None if teacher_class is None else teacher_class[idx])
+                if use_adv:
+                    parts["disc"] = adversarial.discriminator_step(pred, adv_gen)
+                    adv_loss = adversarial.generator_loss(pred, adv_gen)
+                    scale = adaptive_adv_scale(loss, adv_loss, student.unet.final_conv.weight) \
+                        if opts.adv_adaptive else 1.0
+                    loss = loss + opts.adv_weight * scale * adv_loss
+                    parts["adv"], parts["adv_scale"] = adv_loss.item(), float(scale)
+            bad = [k for k, v in parts.items() if not math.isfinite(v)] + ([] if torch.isfinite(loss) else ["total"])
+            if bad:
+                raise PipelineError(f"loss became non-finite ({', '.join(f'{k}={parts.get(k, loss.item())}' for k in bad)}) "
+                                    f"in epoch {epoch + 1}; stopped. The last good checkpoint is kept in {out}; lower "
+                                    "--lr (or --disc_lr / --adv_weight) and --resume, or start again")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), opts.grad_clip)
             optimizer.step()
@@ -240,21 +321,31 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
             ema.update_parameters(student)
             running += loss.item() * len(idx)
             seen += len(idx)
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, 0.0) + v * len(idx)
             bar.set_postfix(loss=f"{running / seen:.4f}")
         bar.close()
         recalibrate_batchnorm(ema.module, noise[train_idx[:opts.bn_samples]], opts.batch_size)
         val_loss = evaluate_loss(ema.module, noise[val_idx], images[val_idx], opts.batch_size, device, opts.precision)
         epoch_no = epoch + 1
+        fd = None if val_fd is None else val_fd(ema.module, noise[val_idx])
         record = {"epoch": epoch_no, "train_loss": running / seen, "val_loss": val_loss,
+                  **({} if fd is None else {"val_fd": fd}),
+                  **{f"train_{k}": v / seen for k, v in part_sums.items()},
                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}
         append_jsonl(record, stats_path)
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
+        # an adversarial student moves away from the teacher's pixels on purpose, so it is selected by FD
+        score = val_loss if selected_by == "val_loss" else fd
+        improved = score < best_val
+        best_val = min(best_val, score)
         ckpt = {"kind": "direct_decoder", "model": student.state_dict(), "model_ema": ema.state_dict(),
                 "model_args": student.model_args, "config": resolved, "epoch": epoch_no,
-                "val_loss": val_loss, "best_val_loss": best_val, "optimizer": optimizer.state_dict(),
+                "val_loss": val_loss, "best_score": best_val, "selected_by": selected_by,
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "teacher": resolved["teacher"],
                 "training_data": resolved["training_data"], "versions": software_versions()}
+        if adversarial is not None:
+            ckpt["discriminator"] = adversarial.state_dict()
         with torch.inference_mode():
             student_preview = ema.module.eval()(noise[preview]).float().clamp(-1, 1)
         save_image_grid(torch.cat([images[preview], student_preview]), out / f"samples_epoch_{epoch_no:03d}.png",
@@ -264,15 +355,16 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
             atomic_save(ckpt, out / "best_model.pt")
         plot_metric_curves(stats_path, out / "loss.png", keys=("train_loss", "val_loss"), x="epoch", log_y=True)
         print(f"epoch {epoch_no}/{opts.epochs}: train {record['train_loss']:.5f}  val {val_loss:.5f}"
+              f"{'' if fd is None else f'  val FD {fd:.2f}'}"
               f"{'  (best)' if improved else ''}  {record['seconds']:.1f}s")
-    summary = {"output_dir": str(out), "best_val_loss": best_val, "epochs": opts.epochs,
+    summary = {"output_dir": str(out), f"best_{selected_by}": best_val, "epochs": opts.epochs,
                "wall_s": time.perf_counter() - t0}
     if opts.evaluate:
         from .evaluate import evaluate_student_checkpoint
         report = evaluate_student_checkpoint(opts.ddpm_ckpt, str(out / "best_model.pt"), opts.data_path,
                                              out / "evaluation.json", cpu=opts.cpu, classifier_path=opts.classifier)
         summary["evaluation"] = report
-    print(f"train_direct_decoder: {opts.epochs} epochs, best val loss {best_val:.5f}, "
+    print(f"train_direct_decoder: {opts.epochs} epochs, best {selected_by.replace('_', ' ')} {best_val:.5f}, "
           f"{summary['wall_s']:.0f}s, best model {out / 'best_model.pt'}")
     return summary
 
@@ -291,6 +383,28 @@ def evaluate_only(opts: StudentTrainOptions, decoder_ckpt: str, dry_run: bool = 
     out.mkdir(parents=True, exist_ok=True)
     return evaluate_student_checkpoint(opts.ddpm_ckpt, decoder_ckpt, opts.data_path, out / "evaluation.json",
                                        cpu=opts.cpu, classifier_path=opts.classifier)
+
+
+class ValidationFrechet:
+    """Fréchet distance of the EMA student's validation images to real digits, in the project classifier's space:
+    a per-epoch quality signal (and the selection score of adversarial runs). The audit classifier stays unseen."""
+
+    def __init__(self, classifier_path: str, dataset: str, device, n_real: int = 5000):
+        from .classifier import load_classifier
+        from .data import load_dataset
+        self.classifier = load_classifier(classifier_path, device)
+        self.real = self._features(load_dataset(dataset).images[:n_real].to(device))
+
+    @torch.no_grad()
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.classifier.features(x[s:s + 1000]) for s in range(0, x.shape[0], 1000)])
+
+    @torch.no_grad()
+    def __call__(self, model, noise: torch.Tensor) -> float:
+        from .metrics import frechet_distance
+        model.eval()
+        images = torch.cat([model(noise[s:s + 500]).float().clamp(-1, 1) for s in range(0, noise.shape[0], 500)])
+        return frechet_distance(self._features(images), self.real)
 
 
 @torch.no_grad()
