@@ -139,3 +139,23 @@ def test_bad_adversarial_options_exit_1(flags, message, tiny_teacher_ckpt, tiny_
                          "--epochs", "1", "--cpu", *flags)
     assert code == 1 and message in one_error_line(err)
     assert not (tmp_path / "o").exists()
+
+
+def test_student_quality_bench_reports_the_audit_figures(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path,
+                                                        monkeypatch, capsys, mnist5k):
+    """One row per student, with the audit classifier's ratio and both recalls, from the same held-out pairs."""
+    use_cached_mnist5k(monkeypatch, models.evaluate, mnist5k)
+    record = tmp_path / "quality.jsonl"
+    code, out, err = run_main_in_process(REPO / "bench" / "bench_student_quality.py",
+                                         ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--students",
+                                          tiny_student, tiny_student, "--record", record, "--cpu"], monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["student_sha256"] == rows[1]["student_sha256"]
+    row = rows[0]
+    assert row["audit_fd_ratio"] == pytest.approx(row["audit_fd_student"] / row["audit_fd_teacher"])
+    assert 0 <= row["audit_recall_student"] <= 1 and 0 <= row["audit_recall_teacher"] <= 1
+    assert 0 <= row["audit_class_agreement"] <= 1 and row["speedup_vs_default_ddim50"] > 0
+    assert {k: v for k, v in rows[0].items() if "speedup" not in k} == \
+        {k: v for k, v in rows[1].items() if "speedup" not in k}  # deterministic apart from timing
+    assert "audit FD" in out

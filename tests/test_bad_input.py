@@ -388,6 +388,8 @@ BENCH_MISSING_INPUT = {
     "bench_demo_student.py": ["--ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_features.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_generate.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "bench_student_quality.py": ["--ddpm_ckpt", "MISSING", "--data_path", "MISSING", "--students", "MISSING",
+                                 "--record", "OUT", "--cpu"],
     "bench_student_generalization.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT",
                                         "--cpu"],
     "eval_teacher.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],

@@ -1,0 +1,70 @@
+"""Students against their teacher on the same held-out noises, judged in the audit classifier's space (no loss has
+seen it): Fréchet distance ratio, k-NN precision / recall beside the teacher's, class agreement, and the one-step
+speed-up over the teacher's default sampler.
+
+Every student is evaluated on the same pairs file (its validation split: pairs no student here trained on when the
+file's seed is new to all of them), so the rows of one run compare directly.
+
+    python bench/bench_student_quality.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
+        --data_path PAIRS/training_data.pt --students checkpoints/student_mnist5k.pt OUT/best_model.pt --cpu
+"""
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
+from models.evaluate import evaluate_student_checkpoint  # noqa: E402
+from models.io import (DEFAULT_CLASSIFIER, append_jsonl, machine_description, run_cli,  # noqa: E402
+                       software_versions)
+from models.sampling import DEFAULT_DDIM_STEPS  # noqa: E402
+
+
+def summary_row(report: dict) -> dict:
+    audit = report["audit"]
+    q = audit["quality"]
+    speed = report["speed"]
+    default_rate = speed["teacher_unet_evals_per_s"] / DEFAULT_DDIM_STEPS
+    return {"n": report["n_val"],
+            "audit_fd_student": audit["frechet_distance"]["student_vs_real"],
+            "audit_fd_teacher": audit["frechet_distance"]["teacher_vs_real"],
+            "audit_fd_real_floor": audit["frechet_distance"]["real_half_vs_real_half"],
+            "audit_fd_ratio": audit["fd_ratio_student_over_teacher"],
+            "audit_precision_student": q["student"]["precision"], "audit_recall_student": q["student"]["recall"],
+            "audit_precision_teacher": q["teacher"]["precision"], "audit_recall_teacher": q["teacher"]["recall"],
+            "audit_class_agreement": audit["class_agreement_student_teacher"],
+            "project_class_agreement": report["class_agreement_student_teacher"],
+            "project_fd_ratio": report["fd_ratio_student_over_teacher"],
+            "val_mse_to_teacher": report["val_mse_to_teacher"],
+            f"speedup_vs_default_ddim{DEFAULT_DDIM_STEPS}": speed["student_images_per_s"] / default_rate}
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--ddpm_ckpt", required=True, help="teacher checkpoint (the students' teacher)")
+    p.add_argument("--data_path", required=True,
+                   help="training_data.pt whose validation split (by each student's recorded seed and fraction) "
+                        "holds the held-out noises and the teacher's images of them")
+    p.add_argument("--students", nargs="+", required=True, help="student checkpoints to compare")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier (reported beside the audit)")
+    p.add_argument("--record", default="bench/results/student_quality.jsonl", help="append one row per student here")
+    add_cpu_flag(p)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, student in enumerate(a.students):
+            report = evaluate_student_checkpoint(a.ddpm_ckpt, student, a.data_path, Path(tmp) / f"{i}.json",
+                                                 cpu=a.cpu, classifier_path=a.classifier)
+            row = summary_row(report)
+            append_jsonl({"student": student, "student_sha256": report["student"]["sha256"],
+                          "teacher_sha256": report["teacher"]["sha256"], "data": report["training_data"], **row,
+                          "machine": machine_description(), "versions": software_versions(),
+                          "command": "python " + " ".join(sys.argv)}, a.record)
+            print(f"{student}: audit FD {row['audit_fd_student']:.1f} vs teacher {row['audit_fd_teacher']:.1f} "
+                  f"(ratio {row['audit_fd_ratio']:.2f}), recall {row['audit_recall_student']:.3f} vs "
+                  f"{row['audit_recall_teacher']:.3f}, agreement {row['audit_class_agreement']:.1%} "
+                  f"(N={row['n']}) -> {a.record}")
+
+
+if __name__ == "__main__":
+    run_cli(main, resumable=False)
