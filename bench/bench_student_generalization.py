@@ -25,7 +25,7 @@ from models.io import (DEFAULT_CLASSIFIER, PipelineError, append_jsonl, machine_
 from models.noise import per_sample_noise  # noqa: E402
 from models.sampling import pairs_sampler, teacher_sample  # noqa: E402
 from models.student import load_teacher_and_student  # noqa: E402
-from models.train_student import student_split  # noqa: E402
+from models.pairs import student_split  # noqa: E402
 
 
 def agreement_on(indices, seed, sampler, teacher, student, classifier, device, desc, batch_size=250) -> dict:

@@ -12,7 +12,7 @@ from .metrics import image_quality_report
 from .noise import per_sample_noise
 from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, teacher_sample
 from .student import load_teacher_and_student
-from .train_student import load_training_pairs, student_split
+from .pairs import load_training_pairs, student_split
 
 CONFIDENT = 0.9  # the teacher bar's confidence level
 

@@ -31,7 +31,7 @@ from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
 from .sampling import pairs_sampler
 from .shards import ShardedJob
 from .student import load_teacher_and_student
-from .train_student import load_training_pairs
+from .pairs import load_training_pairs
 
 DEFAULT_INVERSION_STEPS = 10
 METHODS = ("auto", "image_encoder", "ddim_inversion")

@@ -14,11 +14,11 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
-from .data import split_indices
 from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save,
                  atomic_write_json, load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file,
                  software_versions, truncate_jsonl)
 from .optim import warmup_cosine
+from .pairs import load_training_pairs, student_split
 from .plots import plot_metric_curves
 from .sampling import autocast_for, configure_precision
 from .student import SKIP_MODES, DirectDecoder, load_student
@@ -76,22 +76,6 @@ def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
 def list_epoch_checkpoints(out: Path) -> list[Path]:
     found = [p for p in out.glob("ckpt_epoch_*.pt") if EPOCH_RE.search(p.name)]
     return sorted(found, key=lambda p: int(EPOCH_RE.search(p.name).group(1)))
-
-
-def load_training_pairs(path: str | Path, device="cpu") -> dict:
-    data = load_checkpoint(path, device, what="training data",
-                           fix="create it with `python generate_training_data.py --ckpt TEACHER --output_dir DIR`")
-    if data.get("kind") != "training_pairs" or "noise" not in data or "images" not in data:
-        raise PipelineError(f"{path} is not a training_data.pt written by generate_training_data.py")
-    return data
-
-
-def student_split(n: int, val_fraction: float, seed: int):
-    """The 90/10 split fixed by seed; at least one validation pair even for tiny runs."""
-    train_idx, val_idx = split_indices(n, val_fraction, seed)
-    if len(val_idx) == 0:
-        val_idx, train_idx = train_idx[:1], train_idx[1:]
-    return train_idx, val_idx
 
 
 def _validate(opts: StudentTrainOptions) -> None:

@@ -1,0 +1,106 @@
+"""The package as a newcomer meets it: every module of models/ imports on its own, and no two modules import each
+other, directly or through others (a cycle makes import order matter and hides which module depends on which)."""
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+def module_names(package_dir: Path = PACKAGE_DIR) -> list[str]:
+    root = package_dir.parent
+    names = []
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names.append(".".join(parts))
+    return names
+
+
+def _source_path(name: str, package_dir: Path) -> Path:
+    base = package_dir.parent.joinpath(*name.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def imported_modules(name: str, package_dir: Path = PACKAGE_DIR) -> set[str]:
+    """The package's own modules that module `name` imports anywhere in its file (function-level imports count:
+    they close a cycle as soon as the function runs)."""
+    path = _source_path(name, package_dir)
+    known = set(module_names(package_dir))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            # `from .x import y` may name a module y of package x, or an attribute of module x
+            targets = [source] + [f"{source}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as [a, b, ..., a], or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+@pytest.mark.parametrize("name", module_names())
+def test_every_module_imports(name):
+    importlib.import_module(name)
+
+
+def test_no_import_cycle_in_models():
+    graph = {name: imported_modules(name) for name in module_names()}
+    assert sum(map(len, graph.values())) > 20, "the import graph is implausibly small: the parser missed imports"
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle in models/: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+    """The check above can fail: a two-module package importing each other (one lazily) is reported."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub.b import thing\n")
+    (pkg / "sub" / "b.py").write_text("def thing():\n    from .. import a\n    from pkg.c import x\n")
+    (pkg / "c.py").write_text("import os\nx = 1\n")
+    graph = {name: imported_modules(name, pkg) for name in module_names(pkg)}
+    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg", "pkg.a", "pkg.c"}
+    assert import_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
+    graph["pkg.sub.b"].discard("pkg.a")
+    assert import_cycle(graph) is None
