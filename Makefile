@@ -5,10 +5,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test full verify clean-demo
 
-$(VENV)/.installed: requirements.txt
+# The pinned requirements, then the package itself, editable (`import models` works from any directory: bench/,
+# examples/, a notebook).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e . --no-deps
 	touch $@
 
 demo: $(VENV)/.installed

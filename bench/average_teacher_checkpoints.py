@@ -7,14 +7,10 @@ Floating-point tensors are averaged elementwise; integer ones (BatchNorm batch c
 taken from the last checkpoint, as are its config and step. Optimizer and scheduler state are dropped: an average
 is a point no optimizer visited, so the result can start a new leg (train_ddpm.py --init_from) but not --resume.
 """
-import sys
-from pathlib import Path
+from models.checkpoint import LoadedTeacher, load_teacher, total_steps
+from models.cli import ArgumentParser
+from models.io import PipelineError, atomic_save, run_cli, software_versions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.checkpoint import LoadedTeacher, load_teacher, total_steps  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
-from models.io import PipelineError, atomic_save, run_cli, software_versions  # noqa: E402
 
 WEIGHT_SETS = ("model", "model_ema")
 

@@ -10,17 +10,13 @@ images themselves, each against all the others (leave-one-out, against its own l
 The generations are attribution_generation.py's evaluation set (seed 1, the first N latents).
 """
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import load_pipeline, pipeline_parser  # noqa: E402
-from models.attribution import top_k_similar  # noqa: E402
-from models.data import load_dataset  # noqa: E402
-from models.io import append_jsonl, machine_description, run_cli  # noqa: E402
+from models.bench_common import load_pipeline, pipeline_parser
+from models.attribution import top_k_similar
+from models.data import load_dataset
+from models.io import append_run_record, run_cli
 
 
 def nearest_by_l2(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -60,8 +56,7 @@ def main():
         hit = (ref_labels[idx.cpu()] == label).float()
         result["top1_agreement"][name] = {"all": hit.mean().item(), "confident": hit[confident].mean().item()}
         print(f"{name:34s} {hit.mean().item():6.1%} {hit[confident].mean().item():10.1%}")
-    result.update({"decoder": a.decoder_ckpt, "features": a.ref_features_path, "machine": machine_description(),
-                   "command": "python " + " ".join(sys.argv)})
+    result.update({"decoder": a.decoder_ckpt, "features": a.ref_features_path})
     teacher_view = pipe.teacher_images(out.noise)
     teacher_label = classifier(teacher_view).argmax(1).cpu()
     teacher_rules = {"bottleneck cosine, image encoder": pipe.attribute_images(teacher_view, 1)[2][:, 0],
@@ -73,7 +68,7 @@ def main():
     for where in ("teacher_images_top1_agreement", "training_images_leave_one_out"):
         for name, value in result[where].items():
             print(f"{where}: {name:34s} {value:6.1%}")
-    append_jsonl(result, a.record)
+    append_run_record(result, a.record)
     print(json.dumps({"confident_share": result["confident_share"]}))
 
 

@@ -7,18 +7,14 @@ A student whose images follow z1 here cannot be steered by bottleneck hooks; wit
 function of the bottleneck alone, so the swapped image is exactly the z2 image.
 """
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.classifier import load_classifier  # noqa: E402
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
-from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device, run_cli  # noqa: E402
-from models.noise import per_sample_noise  # noqa: E402
-from models.student import load_student  # noqa: E402
+from models.classifier import load_classifier
+from models.cli import ArgumentParser, add_cpu_flag
+from models.io import DEFAULT_CLASSIFIER, append_run_record, pick_device, run_cli
+from models.noise import per_sample_noise
+from models.student import load_student
 
 
 @torch.inference_mode()
@@ -51,9 +47,8 @@ def main():
     for path in a.students:
         student = load_student(path, device)
         result = {"student": path, "sha256": student.sha256, "skips": student.decoder.skips,
-                  **bottleneck_control(student.decoder, classifier, a.n, device), "machine": machine_description(),
-                  "command": "python " + " ".join(sys.argv)}
-        append_jsonl(result, a.record)
+                  **bottleneck_control(student.decoder, classifier, a.n, device)}
+        append_run_record(result, a.record)
         print(json.dumps({k: result[k] for k in ("student", "skips", "n_pairs_with_different_classes",
                                                   "follows_bottleneck", "follows_rest_of_latent")}))
 

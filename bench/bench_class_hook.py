@@ -7,16 +7,12 @@ to the generation's own bottleneck, by cosine), on the same noises.
         --decoder_ckpt runs/final3/student/best_model.pt --ref_features_path runs/final3/reference_features.pt --cpu
 """
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import load_pipeline, pipeline_parser  # noqa: E402
-from models.io import append_jsonl, machine_description, run_cli  # noqa: E402
+from models.bench_common import load_pipeline, pipeline_parser
+from models.io import append_run_record, run_cli
 
 
 def nearest_member_hook(members: torch.Tensor, strength: float):
@@ -50,9 +46,8 @@ def main():
               "baseline_success": success(None),
               "class_mean_hook": {s: success(pipe.toward_class(a.label, s)) for s in a.strengths},
               "nearest_member_hook": {s: success(nearest_member_hook(members, s)) for s in a.strengths},
-              "decoder": a.decoder_ckpt, "features": a.ref_features_path, "machine": machine_description(),
-              "command": "python " + " ".join(sys.argv)}
-    append_jsonl(result, a.record)
+              "decoder": a.decoder_ckpt, "features": a.ref_features_path}
+    append_run_record(result, a.record)
     print(json.dumps({k: result[k] for k in ("student_bottleneck_norm", "reference_feature_norm", "class_mean_norm",
                                              "baseline_success", "class_mean_hook", "nearest_member_hook")}))
 

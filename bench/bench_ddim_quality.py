@@ -5,18 +5,15 @@ real images, with k-NN precision/recall, for DDIM-K versus upstream's 1000-step 
     python bench/bench_ddim_quality.py --ckpt checkpoints/teacher_mnist5k.pt --n 300
 """
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.checkpoint import load_teacher  # noqa: E402
-from models.classifier import load_classifier  # noqa: E402
-from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images  # noqa: E402
-from models.io import DEFAULT_CLASSIFIER, append_jsonl, machine_description, pick_device, run_cli  # noqa: E402
-from models.metrics import image_quality_report  # noqa: E402
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
+from models.checkpoint import load_teacher
+from models.classifier import load_classifier
+from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images
+from models.io import DEFAULT_CLASSIFIER, append_run_record, machine_description, pick_device, run_cli
+from models.metrics import image_quality_report
+from models.cli import ArgumentParser, add_cpu_flag
 
 
 def main():
@@ -44,9 +41,8 @@ def main():
         seconds = time.perf_counter() - start
         q = image_quality_report(images, classifier, real[:a.n])
         rows.append((f"{sampler} K={k} {spacing}", q, seconds))
-        append_jsonl({"config": rows[-1][0], "n": a.n, "checkpoint": a.ckpt, "sha256": teacher.sha256,
-                      "seconds": seconds, "machine": machine_description(), **q,
-                      "command": "python " + " ".join(sys.argv)}, a.out)
+        append_run_record({"config": rows[-1][0], "n": a.n, "checkpoint": a.ckpt, "sha256": teacher.sha256,
+                           "seconds": seconds, **q}, a.out)
     print(f"| sampler | FD | precision | recall | mean conf. | seconds ({a.n} samples) |")
     print("|---|---|---|---|---|---|")
     for name, q, seconds in rows:

@@ -10,18 +10,14 @@ one the perceptual term trains against) and in the audit classifier's (which no 
 Finished pair sets and students in --work are reused, so an interrupted run continues.
 """
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
-from models.evaluate import evaluate_student_checkpoint  # noqa: E402
-from models.generate import GenerateOptions, generate_training_data  # noqa: E402
-from models.io import (DEFAULT_TEACHER, append_jsonl, atomic_save, load_checkpoint,  # noqa: E402
-                       machine_description, run_cli)
-from models.train_student import StudentTrainOptions, train_student  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag
+from models.evaluate import evaluate_student_checkpoint
+from models.generate import GenerateOptions, generate_training_data
+from models.io import DEFAULT_TEACHER, append_run_record, atomic_save, load_checkpoint, run_cli
+from models.train_student import StudentTrainOptions, train_student
 
 
 def parse_config(text: str, perceptual_weight: float) -> dict:
@@ -89,10 +85,8 @@ def main():
                "audit_class_agreement": audit["class_agreement_student_teacher"],
                "audit_fd_student": audit["frechet_distance"]["student_vs_real"],
                "audit_fd_teacher": audit["frechet_distance"]["teacher_vs_real"],
-               "train_wall_s": training_seconds(work / tag), "machine": machine_description(),
-               "options": asdict(opts), "command": "python " + " ".join(sys.argv)}
-        append_jsonl(row, a.record)
-        rows.append(row)
+               "train_wall_s": training_seconds(work / tag), "options": asdict(opts)}
+        rows.append(append_run_record(row, a.record))
     print(f"{'pairs':>6s} {'batch':>5s} {'epochs':>6s} {'pw':>5s} {'train s':>7s} {'MSE':>7s} {'agree':>6s} "
           f"{'FD':>7s} {'audit agree':>11s} {'audit FD':>8s}")
     for r in rows:

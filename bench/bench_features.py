@@ -4,7 +4,6 @@ wall time; plus how well DDIM inversion recovers the teacher's *own* latents (th
 
     python bench/bench_features.py --ddpm_ckpt T --decoder_ckpt S --limit 5000 --inversion_steps 10 25
 """
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,16 +11,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.checkpoint import load_teacher  # noqa: E402
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
-from models.features import FeatureOptions, extract_reference_features, latent_timestep  # noqa: E402
-from models.io import append_jsonl, machine_description, pick_device, run_cli  # noqa: E402
-from models.noise import per_sample_noise  # noqa: E402
-from models.samplers import ddim_invert, inversion_timesteps  # noqa: E402
-from models.sampling import teacher_sample  # noqa: E402
-from models.student import load_student  # noqa: E402
+from models.checkpoint import load_teacher
+from models.cli import ArgumentParser, add_cpu_flag
+from models.features import FeatureOptions, extract_reference_features, latent_timestep
+from models.io import append_run_record, pick_device, run_cli
+from models.noise import per_sample_noise
+from models.samplers import ddim_invert, inversion_timesteps
+from models.sampling import teacher_sample
+from models.student import load_student
 
 
 @torch.inference_mode()
@@ -72,9 +69,7 @@ def main():
                                                                meta["spacing"], extra["inversion_steps"],
                                                                a.round_trip_n, device)
             rows.append(row)
-            append_jsonl(row | {"teacher_sha256": teacher.sha256, "student_sha256": student.sha256,
-                                "machine": machine_description(), "command": "python " + " ".join(sys.argv)},
-                         a.record)
+            append_run_record(row | {"teacher_sha256": teacher.sha256, "student_sha256": student.sha256}, a.record)
     print(f"{'method':<28}{'consistency cos':>16}{'recon PSNR dB':>14}{'wall s':>8}{'teacher latent cos':>20}")
     for r in rows:
         name = r["method"] + (f" K={r['inversion_steps']}" if "inversion_steps" in r else

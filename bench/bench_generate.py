@@ -15,17 +15,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from models.checkpoint import load_teacher
+from models.generate import GenerateOptions, generate_training_data
+from models.io import append_run_record, load_checkpoint, pick_device, run_cli
+from models.samplers import ddpm_reverse_step
+from models.sampling import DEFAULT_DDIM_STEPS
+from models.cli import ArgumentParser, add_cpu_flag
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from models.checkpoint import load_teacher  # noqa: E402
-from models.generate import GenerateOptions, generate_training_data  # noqa: E402
-from models.io import append_jsonl, load_checkpoint, machine_description, pick_device, run_cli  # noqa: E402
-from models.samplers import ddpm_reverse_step  # noqa: E402
-from models.sampling import DEFAULT_DDIM_STEPS  # noqa: E402
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
 
 
 @torch.inference_mode()
@@ -125,19 +124,17 @@ def main():
                     "--output_dir", f"{tmp}/mem{n}"] + (["--cpu"] if a.cpu else [])
             memory[n] = peak_rss_mib(args)
     ceiling = max(ceilings)
-    record = {"machine": machine_description(), "teacher": a.ckpt, "teacher_sha256": teacher.sha256,
+    record = {"teacher": a.ckpt, "teacher_sha256": teacher.sha256,
               "batch_size": a.batch_size, "ddim_steps": a.steps, "n": a.n, "n_original": a.n_original or a.n,
               "pairs_per_s": ours["pairs_per_s"], "original_pairs_per_s": original,
               "speedup_vs_original": ours["pairs_per_s"] / original if original else None,
               "unet_evals_per_s": ceiling, "unet_evals_per_s_before_after": ceilings,
               "ceiling_pairs_per_s": ceiling / a.steps, "fraction_of_ceiling": ours["pairs_per_s"] * a.steps / ceiling,
-              "peak_rss_mib": memory, "channels_last": layout, "command": "python " + " ".join(sys.argv)}
+              "peak_rss_mib": memory, "channels_last": layout}
     if len(memory) == 2:
         small, large = sorted(memory)
         record["peak_rss_ratio_large_over_small"] = memory[large] / memory[small]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    append_jsonl(record, a.out)
-    print(json.dumps(record, indent=2))
+    print(json.dumps(append_run_record(record, a.out), indent=2))
 
 
 if __name__ == "__main__":

@@ -8,24 +8,19 @@ one, more pairs are the lever; if both are low, the student's map (capacity, opt
     python bench/bench_student_generalization.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
         --decoder_ckpt checkpoints/student_mnist5k.pt --n 500 --cpu
 """
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from models.classifier import load_classifier  # noqa: E402
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
-from models.evaluate import CONFIDENT  # noqa: E402
-from models.io import (DEFAULT_CLASSIFIER, PipelineError, append_jsonl, machine_description, pick_device,  # noqa: E402
-                       software_versions, run_cli)
-from models.noise import per_sample_noise  # noqa: E402
-from models.sampling import pairs_sampler, teacher_sample  # noqa: E402
-from models.student import load_teacher_and_student  # noqa: E402
-from models.pairs import student_split  # noqa: E402
+from models.classifier import load_classifier
+from models.cli import ArgumentParser, add_cpu_flag
+from models.evaluate import CONFIDENT
+from models.io import DEFAULT_CLASSIFIER, PipelineError, append_run_record, pick_device, run_cli
+from models.noise import per_sample_noise
+from models.sampling import pairs_sampler, teacher_sample
+from models.student import load_teacher_and_student
+from models.pairs import student_split
 
 
 def agreement_on(indices, seed, sampler, teacher, student, classifier, device, desc, batch_size=250) -> dict:
@@ -77,9 +72,8 @@ def main():
               "pairs_seed": int(meta["seed"]), "n_pairs": n_pairs, "sampler": sampler,
               "epochs_on_these_pairs": int(student.checkpoint.get("epoch", 0)),
               "continued_from": (config.get("init_from") or {}).get("path"), **sides,
-              "seconds": round(time.perf_counter() - start, 1), "machine": machine_description(),
-              "versions": software_versions(), "command": "python " + " ".join(sys.argv)}
-    append_jsonl(result, a.record)
+              "seconds": round(time.perf_counter() - start, 1)}
+    append_run_record(result, a.record)
     t, v = sides["trained_on"], sides["held_out"]
     print(f"student generalization ({n} pairs each side): agreement trained-on {t['class_agreement']:.1%} vs held-out "
           f"{v['class_agreement']:.1%}; MSE {t['mse_to_teacher']:.4f} vs {v['mse_to_teacher']:.4f} -> {a.record}")

@@ -8,17 +8,13 @@ file's seed is new to all of them), so the rows of one run compare directly.
     python bench/bench_student_quality.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
         --data_path PAIRS/training_data.pt --students checkpoints/student_mnist5k.pt OUT/best_model.pt --cpu
 """
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
-from models.evaluate import evaluate_student_checkpoint  # noqa: E402
-from models.io import (DEFAULT_CLASSIFIER, append_jsonl, machine_description, run_cli,  # noqa: E402
-                       software_versions)
-from models.sampling import DEFAULT_DDIM_STEPS  # noqa: E402
+from models.cli import ArgumentParser, add_cpu_flag
+from models.evaluate import evaluate_student_checkpoint
+from models.io import DEFAULT_CLASSIFIER, append_run_record, run_cli
+from models.sampling import DEFAULT_DDIM_STEPS
 
 
 def summary_row(report: dict) -> dict:
@@ -56,10 +52,9 @@ def main():
             report = evaluate_student_checkpoint(a.ddpm_ckpt, student, a.data_path, Path(tmp) / f"{i}.json",
                                                  cpu=a.cpu, classifier_path=a.classifier)
             row = summary_row(report)
-            append_jsonl({"student": student, "student_sha256": report["student"]["sha256"],
-                          "teacher_sha256": report["teacher"]["sha256"], "data": report["training_data"], **row,
-                          "machine": machine_description(), "versions": software_versions(),
-                          "command": "python " + " ".join(sys.argv)}, a.record)
+            append_run_record({"student": student, "student_sha256": report["student"]["sha256"],
+                               "teacher_sha256": report["teacher"]["sha256"], "data": report["training_data"], **row},
+                              a.record)
             print(f"{student}: audit FD {row['audit_fd_student']:.1f} vs teacher {row['audit_fd_teacher']:.1f} "
                   f"(ratio {row['audit_fd_ratio']:.2f}), recall {row['audit_recall_student']:.3f} vs "
                   f"{row['audit_recall_teacher']:.3f}, agreement {row['audit_class_agreement']:.1%} "

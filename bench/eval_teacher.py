@@ -3,21 +3,17 @@ and k-NN precision/recall in its feature space against shuffled real images, and
 
     python bench/eval_teacher.py --ckpt checkpoints/teacher_mnist5k.pt --n 1000 --out checkpoints/teacher_mnist5k_eval.json
 """
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-from models.checkpoint import load_teacher  # noqa: E402
-from models.classifier import load_classifier  # noqa: E402
-from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images  # noqa: E402
-from models.io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, atomic_write_json, machine_description, pick_device,  # noqa: E402
-                       save_image_grid, software_versions, run_cli)
-from models.metrics import image_quality_report  # noqa: E402
-from models.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING  # noqa: E402
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
+from models.checkpoint import load_teacher
+from models.classifier import load_classifier
+from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images
+from models.io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, atomic_write_json, pick_device, run_cli, run_context,
+                       save_image_grid)
+from models.metrics import image_quality_report
+from models.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING
+from models.cli import ArgumentParser, add_cpu_flag
 
 
 def main():
@@ -50,9 +46,8 @@ def main():
                     "classifier": a.audit_classifier}
     sampler = f"ddim K={a.steps} ({a.spacing}), eta 0" + (", x0 not clipped" if a.no_clip else "")
     result = {"checkpoint": a.ckpt, "sha256": teacher.sha256, "sampler": sampler,
-              "seed": a.seed, "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "audit": audit_report, "sampling_s": round(sample_s, 1),
-              "machine": machine_description(), "versions": software_versions(),
-              "command": "python " + " ".join(sys.argv)}
+              "seed": a.seed, "n": a.n, "teacher": report, "real_vs_real_same_n": reference, "audit": audit_report,
+              "sampling_s": round(sample_s, 1), **run_context()}
     atomic_write_json(result, a.out)
     save_image_grid(images[:100], Path(a.out).with_suffix(".png"), nrow=10)
     shares = report["class_shares"]

@@ -10,18 +10,14 @@ batches of uniform t (as training sees them). Timesteps where eval mode is far w
 Also recorded: how far the per-timestep embedding table has moved from a table of unrelated random rows (mean
 cosine between the rows of neighbouring timesteps, and the mean row norm; random N(0, 1) rows give ~0 and ~16).
 """
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.checkpoint import load_teacher
+from models.cli import ArgumentParser
+from models.data import load_dataset
+from models.io import append_run_record, run_cli
+from models.unet import batchnorm_layers, recalibrate_batchnorm
 
-from models.checkpoint import load_teacher  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
-from models.data import load_dataset  # noqa: E402
-from models.io import append_jsonl, machine_description, run_cli  # noqa: E402
-from models.unet import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
 
 BANDS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 850), (850, 950), (950, 1000)]
 
@@ -92,10 +88,8 @@ def main():
         teacher = load_teacher(path, "cpu")
         losses = loss_by_band(teacher.diffusion.eval(), images)
         embedding = embedding_smoothness(teacher.diffusion)
-        append_jsonl({"checkpoint": path, "sha256": teacher.sha256, "step": teacher.checkpoint.get("step"),
-                      "bands": BANDS, "eps_mse": losses, "time_embedding": embedding, "n": a.n,
-                      "machine": machine_description(),
-                      "command": "python " + " ".join(sys.argv)}, a.record)
+        append_run_record({"checkpoint": path, "sha256": teacher.sha256, "step": teacher.checkpoint.get("step"),
+                           "bands": BANDS, "eps_mse": losses, "time_embedding": embedding, "n": a.n}, a.record)
         print(path[-48:].ljust(48) + "".join(f"{v:10.4f}" for v in losses)
               + f"{embedding['neighbour_cosine_mean']:9.3f}{embedding['row_norm_mean']:10.2f}")
 
@@ -144,8 +138,7 @@ def per_t_main(a, images: torch.Tensor, train_images: torch.Tensor) -> None:
                                              "eval_mse": after["eval_mse"]}
             print(f"  after exact BatchNorm statistics over {a.recalibrate_batches} batches: t={worst['t']} eval "
                   f"{after['eval_mse']:.4f}")
-        append_jsonl(record | {"machine": machine_description(), "command": "python " + " ".join(sys.argv)},
-                     a.record)
+        append_run_record(record, a.record)
 
 
 if __name__ == "__main__":

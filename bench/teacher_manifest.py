@@ -8,15 +8,12 @@ With --refresh_eval it only replaces the evaluation of an existing manifest (e.g
         --eval checkpoints/teacher_mnist5k_eval.json
 """
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.io import (atomic_write_json, load_checkpoint, machine_description, require_file, run_cli,  # noqa: E402
+from models.io import (atomic_write_json, load_checkpoint, machine_description, require_file, run_cli,
                        sha256_file)
-from models.checkpoint import total_steps  # noqa: E402
-from models.cli import ArgumentParser  # noqa: E402
+from models.checkpoint import total_steps
+from models.cli import ArgumentParser
 
 
 def main():

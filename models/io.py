@@ -214,6 +214,20 @@ def software_versions() -> dict:
             "platform": platform.platform()}
 
 
+def run_context() -> dict:
+    """What makes a benchmark figure reproducible: the machine, the software versions and the command line."""
+    return {"machine": machine_description(), "versions": software_versions(),
+            "command": "python " + " ".join(sys.argv)}
+
+
+def append_run_record(row: dict, path: str | os.PathLike) -> dict:
+    """Appends one benchmark result with its run_context() to its record (bench/results/*.jsonl); returns it."""
+    record = row | run_context()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(record, path)
+    return record
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, value_range=(-1, 1)):
     """Images in [-1, 1] to a PNG grid, atomically."""
     from torchvision.utils import save_image

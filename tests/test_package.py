@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,41 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     assert import_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
     graph["pkg.sub.b"].discard("pkg.a")
     assert import_cycle(graph) is None
+
+
+# ---------------------------------------------------------------- the installed package, as bench/ uses it
+
+REPO = PACKAGE_DIR.parent
+
+
+def test_bench_scripts_import_the_installed_package(tmp_path):
+    """bench/ scripts find `models` through the editable install (`make` runs `pip install -e .`), not through
+    sys.path edits of their own: a bench run from another directory still starts."""
+    offenders = [p.name for p in sorted((REPO / "bench").glob("*.py")) if "sys.path" in p.read_text()]
+    assert offenders == [], f"sys.path edits in bench/: {offenders}"
+    from helpers import subprocess_env
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_class_hook.py"), "--help"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (f"{proc.stderr[-1500:]}\n(is the package installed? `make test` runs "
+                                  f"`pip install -e . --no-deps`)")
+    assert "--ref_features_path" in proc.stdout
+
+
+def test_run_record_carries_machine_versions_and_command(tmp_path, monkeypatch):
+    from models.io import append_run_record, software_versions
+    monkeypatch.setattr(sys, "argv", ["bench/bench_x.py", "--n", "4"])
+    path = tmp_path / "results" / "x.jsonl"
+    first = append_run_record({"n": 4, "fd": 1.5}, path)
+    append_run_record({"n": 8}, path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0] == first and [r["n"] for r in rows] == [4, 8] and rows[0]["fd"] == 1.5
+    assert rows[0]["command"] == "python bench/bench_x.py --n 4"
+    assert rows[0]["versions"] == software_versions() and "-core" in rows[0]["machine"]
+
+
+def test_benches_write_records_through_the_one_helper():
+    """No bench assembles machine/command by hand (one helper keeps every record's provenance the same)."""
+    for path in sorted((REPO / "bench").glob("*.py")):
+        text = path.read_text()
+        assert "append_jsonl(" not in text and '" ".join(sys.argv)' not in text, path.name

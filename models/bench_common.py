@@ -1,8 +1,9 @@
-"""What the benches that measure a trained pipeline (teacher, student, reference features) share."""
-from models.api import DirectDecoderPipeline
-from models.classifier import load_classifier
-from models.cli import ArgumentParser, add_cpu_flag
-from models.io import DEFAULT_CLASSIFIER, pick_device
+"""What the benches that measure a trained pipeline (teacher, student, reference features) share: their options and
+loading. Their records go through models.io.append_run_record."""
+from .api import DirectDecoderPipeline
+from .classifier import load_classifier
+from .cli import ArgumentParser, add_cpu_flag
+from .io import DEFAULT_CLASSIFIER, pick_device
 
 
 def pipeline_parser(doc: str, record: str, n: int = 256) -> ArgumentParser:
