@@ -8,7 +8,8 @@ import torch
 
 from models.classifier import DEFAULT_PATH, train_classifier
 from models.cli import ArgumentParser, add_common
-from models.io import atomic_write_json, pick_device, run_cli, sha256_file
+from models.io import pick_device, run_cli
+from models.manifest import write_checkpoint_record
 
 
 def launch_command() -> str:
@@ -46,11 +47,9 @@ def main():
     if args.dry_run:
         return
     path = Path(args.output_path)
-    manifest = {"path": str(path), "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-                "val_accuracy": summary["val_accuracy"], "n_val": summary["config"]["n_val"],
-                "command": launch_command(), "wall_s": round(summary["wall_s"], 1), "machine": machine(device),
-                "config": summary["config"]}
-    atomic_write_json(manifest, path.with_suffix(".json"))
+    write_checkpoint_record(path, {"val_accuracy": summary["val_accuracy"], "n_val": summary["config"]["n_val"],
+                                   "command": launch_command(), "wall_s": round(summary["wall_s"], 1),
+                                   "machine": machine(device), "config": summary["config"]})
     print(f"train_classifier: held-out accuracy {summary['val_accuracy']:.4f} "
           f"({summary['config']['n_val']} digits), {summary['wall_s']:.0f} s, wrote {path}")
 

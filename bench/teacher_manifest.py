@@ -1,5 +1,6 @@
-"""Writes the shipped teacher's manifest (sha256, size, config, exact command, steps, wall time, machine, quality)
-from its checkpoint, the run's training_options.json / stats.jsonl, and bench/eval_teacher.py's report.
+"""Writes the shipped teacher's record CKPT.json (sha256, size, config, exact command, steps, wall time, machine, quality)
+through models.manifest (the one manifest writer) from its checkpoint, the run's training_options.json / stats.jsonl, and
+bench/eval_teacher.py's report.
 With --refresh_eval it only replaces the evaluation of an existing manifest (e.g. after the default sampler changed).
 
     python bench/teacher_manifest.py --ckpt checkpoints/teacher_mnist5k.pt --run_dir runs/teacher_mnist5k \
@@ -10,9 +11,9 @@ With --refresh_eval it only replaces the evaluation of an existing manifest (e.g
 import json
 from pathlib import Path
 
-from models.io import (atomic_write_json, load_checkpoint, machine_description, require_file, run_cli,
-                       sha256_file)
+from models.io import load_checkpoint, machine_description, require_file, run_cli, sha256_file
 from models.checkpoint import total_steps
+from models.manifest import write_checkpoint_record
 from models.cli import ArgumentParser
 
 
@@ -37,7 +38,7 @@ def main():
         if not manifest["sha256"] == evaluation["sha256"] == sha256_file(a.ckpt):
             p.error(f"{a.eval} evaluates another file than {a.ckpt} and its manifest {out}")
         status = {"status": a.status} if a.status else {}
-        atomic_write_json(manifest | _evaluation_entries(evaluation, a.eval) | status, out)
+        write_checkpoint_record(a.ckpt, manifest | _evaluation_entries(evaluation, a.eval) | status, out)
         print(f"teacher_manifest: evaluation in {out} refreshed from {a.eval}")
         return
     if not (a.run_dir and a.command and a.wall_s is not None):
@@ -45,15 +46,14 @@ def main():
     ckpt = load_checkpoint(a.ckpt, "cpu")
     run = Path(a.run_dir)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
-    manifest = {"path": a.ckpt, "sha256": sha256_file(a.ckpt), "size_bytes": Path(a.ckpt).stat().st_size,
-                "kind": ckpt.get("kind"), "model_args": ckpt.get("model_args"),
+    manifest = {"kind": ckpt.get("kind"), "model_args": ckpt.get("model_args"),
                 "steps": total_steps(ckpt),
                 "steps_this_schedule": int(ckpt["step"]), "total_steps_planned": ckpt["config"]["total_steps"],
                 "final_loss": stats[-1]["loss"], "data_source": ckpt.get("data_source"),
                 "config": ckpt["config"], "command": a.command, "wall_s": a.wall_s,
                 "machine": machine_description(threads=ckpt["config"]["options"].get("threads")),
                 "versions": ckpt.get("versions"), "status": a.status, **_evaluation_entries(evaluation, a.eval)}
-    atomic_write_json(manifest, out)
+    write_checkpoint_record(a.ckpt, manifest, out)
     print(f"teacher_manifest: {out}")
 
 
