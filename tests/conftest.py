@@ -4,6 +4,7 @@ Everything is sized for a CPU shared with other work: one torch thread, base_dim
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 import torch
 
 pytest.register_assert_rewrite("helpers")  # before the import: failures inside the helpers show their values
-from helpers import load_pt, subprocess_env  # noqa: E402
+from helpers import UPSTREAM_CKPT, load_pt, subprocess_env, upstream_fixture_problem  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# CI clones the repository with shared/ beside it; the fixture is required (a missing fixture fails, never skips).
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream_mnistdiffusion"
-UPSTREAM_CKPT = "steps_00000060.pt"
+# The upstream MNISTDiffusion fixture lives in shared/ beside the checkout (CI clones it so). Without it the tests that
+# need it are skipped with the reason, except under CI=true, where a missing fixture fails (CI never silently skips).
+# DIRECT_DECODER_UPSTREAM_FIXTURE points elsewhere (the test of this rule uses it).
+FIXTURE_DIR = Path(os.environ.get("DIRECT_DECODER_UPSTREAM_FIXTURE")
+                   or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream_mnistdiffusion")
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -52,9 +55,10 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    assert (FIXTURE_DIR / UPSTREAM_CKPT).is_file() and (FIXTURE_DIR / "golden.pt").is_file(), (
-        f"upstream fixture missing: expected {FIXTURE_DIR}/{UPSTREAM_CKPT} and golden.pt "
-        "(clone the repository with shared/ beside it)")
+    problem = upstream_fixture_problem(FIXTURE_DIR, os.environ)
+    if problem:
+        action, reason = problem
+        (pytest.fail if action == "fail" else pytest.skip)(reason)
     return FIXTURE_DIR
 
 

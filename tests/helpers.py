@@ -27,6 +27,20 @@ def subprocess_env() -> dict:
     return env
 
 
+UPSTREAM_CKPT = "steps_00000060.pt"  # the upstream fixture's checkpoint, beside its golden.pt
+
+
+def upstream_fixture_problem(fixture_dir: Path, env) -> tuple[str, str] | None:
+    """None when the upstream fixture is complete; otherwise ("skip" | "fail", reason): a developer's checkout
+    without shared/ skips the tests that need it, CI (CI=true) fails them."""
+    if (fixture_dir / UPSTREAM_CKPT).is_file() and (fixture_dir / "golden.pt").is_file():
+        return None
+    reason = (f"upstream MNISTDiffusion fixture not found at {fixture_dir}: clone with shared/ beside the checkout "
+              "(CI has it)")
+    in_ci = str(env.get("CI", "")).strip().lower() in ("true", "1", "yes")
+    return ("fail" if in_ci else "skip"), reason
+
+
 def load_pt(path) -> dict:
     """A .pt file as the pipeline reads it: weights_only, onto the CPU."""
     return torch.load(path, map_location="cpu", weights_only=True)
