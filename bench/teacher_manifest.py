@@ -1,6 +1,6 @@
-"""Writes the shipped teacher's record CKPT.json (sha256, size, config, exact command, steps, wall time, machine, quality)
-through models.manifest (the one manifest writer) from its checkpoint, the run's training_options.json / stats.jsonl, and
-bench/eval_teacher.py's report.
+"""Writes the shipped teacher's record CKPT.json (sha256, size, config, exact command, steps, wall time, machine,
+quality) through models.manifest (the one manifest writer) from its checkpoint, the run's training_options.json /
+stats.jsonl, and bench/eval_teacher.py's report.
 With --refresh_eval it only replaces the evaluation of an existing manifest (e.g. after the default sampler changed).
 
     python bench/teacher_manifest.py --ckpt checkpoints/teacher_mnist5k.pt --run_dir runs/teacher_mnist5k \

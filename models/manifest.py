@@ -116,4 +116,5 @@ def verify(manifest: Path = MANIFEST, only: list[str] | None = None) -> list[dic
 
 def unlisted(manifest: Path, entries: dict) -> list[Path]:
     listed = {Path(name) for name in entries} | {manifest}
-    return sorted(p for p in manifest.parent.iterdir() if p.is_file() and p not in listed and not p.name.startswith("."))
+    return sorted(p for p in manifest.parent.iterdir()
+                  if p.is_file() and p not in listed and not p.name.startswith("."))
