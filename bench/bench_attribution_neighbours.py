@@ -5,7 +5,7 @@ the student's: the teacher's DDIM images of the same noises (through the stored 
 images themselves, each against all the others (leave-one-out, against its own label).
 
     python bench/bench_attribution_neighbours.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
-        --decoder_ckpt runs/s5/student/best_model.pt --ref_features_path runs/s5/reference_features.pt --cpu
+        --decoder_ckpt checkpoints/student_mnist5k.pt --ref_features_path FEATURES/reference_features.pt --cpu
 
 The generations are attribution_generation.py's evaluation set (seed 1, the first N latents).
 """

@@ -13,7 +13,7 @@ from .samplers import ddim_sample, ddpm_sample
 SAMPLERS = ("ddim", "ddpm")
 # Chosen from the DDIM-K quality sweeps in BENCHMARKS.md (bench/bench_ddim_quality.py). Trailing spacing starts
 # at t = T-1, where the starting noise is the prior (leading K = 50 starts at t = 980 and broke on teachers with a
-# poorly trained top band); K = 50 instead of 25 draws the thin 1s at their share (session 15).
+# poorly trained top band); K = 50 instead of 25 draws the thin 1s at their share.
 DEFAULT_DDIM_STEPS = 50
 DEFAULT_SPACING = "trailing"
 SPACING_HELP = ("leading: range(0, T, T//K) reversed (DDIM paper); trailing: round(linspace(T-1, 0, K)); "
