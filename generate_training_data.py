@@ -3,7 +3,8 @@
 from models.cli import ArgumentParser, add_common, options_from_args
 from models.generate import GenerateOptions, generate_training_data
 from models.io import run_cli
-from models.sampling import SPACING_HELP
+from models.samplers import DPMPP_SPACING_HELP, DPMPP_SPACINGS, SPACINGS
+from models.sampling import SAMPLERS, SPACING_HELP
 
 
 def main():
@@ -13,11 +14,17 @@ def main():
     p.add_argument("--n_samples", type=int, default=d.n_samples, help="number of (noise, image) pairs")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="samples per forward pass (no effect on results)")
     p.add_argument("--output_dir", default=d.output_dir, help="writes OUTPUT_DIR/training_data.pt")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=d.sampler,
-                   help="ddim (deterministic when --eta 0) or ddpm (upstream's 1000-step ancestral sampler)")
-    p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps K (ignored by ddpm, which uses all T)")
-    p.add_argument("--spacing", choices=["leading", "trailing"], default=d.spacing, help=f"DDIM grid: {SPACING_HELP}")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta: 0 is a deterministic noise->image map")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler,
+                   help="ddim (deterministic when --eta 0), ddpm (upstream's 1000-step ancestral sampler), or "
+                        "dpmpp2m / dpmpp3m (DPM-Solver++ multistep, deterministic; same quality at fewer steps, see "
+                        "BENCHMARKS.md 'Sampler choice')")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="network evaluations K for ddim and dpmpp (ignored by ddpm, which uses all T)")
+    p.add_argument("--spacing", choices=sorted(set(SPACINGS + DPMPP_SPACINGS)), default=d.spacing,
+                   help=f"timestep grid (default: trailing for ddim, logsnr for dpmpp). DDIM: {SPACING_HELP}. "
+                        f"DPM-Solver++: {DPMPP_SPACING_HELP}")
+    p.add_argument("--eta", type=float, default=d.eta,
+                   help="DDIM eta: 0 is a deterministic noise->image map (dpmpp needs 0)")
     p.add_argument("--no_clip", dest="clip_x0", action="store_false",
                    help="do not clip the predicted x0 to [-1, 1] at each step (clipping is the default)")
     p.add_argument("--seed", type=int, default=d.seed, help="noise of sample i depends only on (seed, i)")

@@ -18,7 +18,7 @@ from models.cli import ArgumentParser, add_cpu_flag
 from models.evaluate import CONFIDENT
 from models.io import DEFAULT_CLASSIFIER, PipelineError, append_run_record, pick_device, run_cli
 from models.noise import per_sample_noise
-from models.sampling import pairs_sampler, teacher_sample
+from models.sampling import SamplerConfig
 from models.student import load_teacher_and_student
 from models.pairs import student_split
 
@@ -29,8 +29,7 @@ def agreement_on(indices, seed, sampler, teacher, student, classifier, device, d
         idx = indices[lo:lo + batch_size]
         z = per_sample_noise(seed, idx, device=device)
         with torch.no_grad():
-            target = teacher_sample(teacher.diffusion, z, "ddim", sampler["steps"], spacing=sampler["spacing"],
-                                    seed=seed, indices=idx)
+            target = sampler.sample(teacher.diffusion, z, seed=seed, indices=idx)
             out = student.decoder(z).float().clamp(-1, 1)
             t_logits, s_logits = classifier(target), classifier(out)
         agree.append(t_logits.argmax(1) == s_logits.argmax(1))
@@ -58,7 +57,7 @@ def main():
     if meta.get("teacher_sha256") != teacher.sha256:
         raise PipelineError(f"{a.decoder_ckpt}'s last training pairs come from teacher {meta.get('teacher_sha256')}, "
                             f"not {a.ddpm_ckpt}")
-    sampler = pairs_sampler(config)
+    sampler = SamplerConfig.from_student(config)
     n_pairs = int(config["n_pairs"])
     opts = config["options"]
     train_idx, val_idx = student_split(n_pairs, opts["val_fraction"], opts["seed"])
@@ -69,7 +68,7 @@ def main():
                                 classifier, device, name)
              for name, idx in (("trained_on", train_idx), ("held_out", val_idx))}
     result = {"teacher_sha256": teacher.sha256, "student": a.decoder_ckpt, "student_sha256": student.sha256,
-              "pairs_seed": int(meta["seed"]), "n_pairs": n_pairs, "sampler": sampler,
+              "pairs_seed": int(meta["seed"]), "n_pairs": n_pairs, "sampler": sampler.to_dict(),
               "epochs_on_these_pairs": int(student.checkpoint.get("epoch", 0)),
               "continued_from": (config.get("init_from") or {}).get("path"), **sides,
               "seconds": round(time.perf_counter() - start, 1)}

@@ -8,7 +8,7 @@ flags), generate with any hook, and get attributions back as tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -19,7 +19,7 @@ from .hooks import Hook
 from .image_encoder import load_image_encoder
 from .io import PipelineError, pick_device
 from .noise import per_sample_noise
-from .sampling import pairs_sampler, teacher_sample
+from .sampling import SamplerConfig
 from .student import load_teacher_and_student
 
 
@@ -92,8 +92,10 @@ class DirectDecoderPipeline:
         return (feats, *steering.attribute(feats, top_k))
 
     def teacher_images(self, noise: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
-        """The teacher's DDIM image for the same noise, by the sampler the student learned (its training pairs'
-        K and spacing) unless ``steps`` overrides K, so the two are compared on one map."""
-        sampler = pairs_sampler(self.student.checkpoint)
-        return teacher_sample(self.teacher.diffusion, noise.to(self.device), "ddim", steps or sampler["steps"],
-                              spacing=sampler["spacing"])
+        """The teacher's image for the same noise, by the sampler the student learned (its training pairs'
+        sampler, K and spacing; DDIM's default for ancestral pairs) unless ``steps`` overrides K, so the two are
+        compared on one map."""
+        sampler = SamplerConfig.from_student(self.student.checkpoint).deterministic_map()
+        if steps:
+            sampler = replace(sampler, steps=steps)
+        return sampler.sample(self.teacher.diffusion, noise.to(self.device))

@@ -10,7 +10,7 @@ from .data import load_dataset
 from .io import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, atomic_write_json, pick_device, sha256_file, software_versions
 from .metrics import image_quality_report
 from .noise import per_sample_noise
-from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, teacher_sample
+from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, SamplerConfig, teacher_sample
 from .student import load_teacher_and_student
 from .pairs import load_training_pairs, student_split
 
@@ -61,8 +61,8 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     real = shuffled_real_images(evaluation_source(teacher.checkpoint.get("data_source")), n_real).to(device)
     scores = classifier_scores(load_classifier(classifier_path, device), student_images, teacher_images, real,
                                batch_size)
-    meta = data.get("metadata", {})
-    k = int(meta.get("steps", DEFAULT_DDIM_STEPS)) if meta.get("sampler") == "ddim" else DEFAULT_DDIM_STEPS
+    pairs_map = SamplerConfig.from_metadata(data.get("metadata", {})).deterministic_map()
+    k, name = pairs_map.steps, pairs_map.name
     z = per_sample_noise(12345, range(speed_batch), device=device)
     t_mid = torch.full((speed_batch,), teacher.config.timesteps // 2, device=device, dtype=torch.long)
     student_ips = images_per_second(student.decoder, z)
@@ -75,9 +75,9 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
                           "is_the_students": data_sha256 == student.checkpoint.get("training_data", {}).get("sha256")},
         "speed": {"batch_size": speed_batch, "device": str(device), "student_images_per_s": student_ips,
                   "teacher_unet_evals_per_s": unet_evals_per_s,
-                  f"teacher_ddim{k}_images_per_s": unet_evals_per_s / k,
+                  f"teacher_{name}{k}_images_per_s": unet_evals_per_s / k,
                   "teacher_ddpm1000_images_per_s": unet_evals_per_s / teacher.config.timesteps,
-                  f"speedup_vs_ddim{k}": student_ips / (unet_evals_per_s / k),
+                  f"speedup_vs_{name}{k}": student_ips / (unet_evals_per_s / k),
                   "speedup_vs_ddpm1000": student_ips / (unet_evals_per_s / teacher.config.timesteps),
                   "note": "teacher images/s = measured UNet evaluations/s divided by the number of steps "
                           "(sampling cost is linear in steps)"},
@@ -98,8 +98,8 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     print(f"evaluation ({report['n_val']} val pairs): MSE to teacher {report['val_mse_to_teacher']:.4f}, "
           f"class agreement {report['class_agreement_student_teacher']:.1%} ({_confident_summary(report)}), "
           f"FD student {fd['student_vs_real']:.2f} / teacher {fd['teacher_vs_real']:.2f}"
-          f" / real {fd['real_half_vs_real_half']:.2f}, student {report['speed'][f'speedup_vs_ddim{k}']:.0f}x faster "
-          f"than DDIM-{k}{audit} -> {output_path}")
+          f" / real {fd['real_half_vs_real_half']:.2f}, student {report['speed'][f'speedup_vs_{name}{k}']:.0f}x faster "
+          f"than {'DDIM' if name == 'ddim' else name}-{k}{audit} -> {output_path}")
     return report
 
 

@@ -27,8 +27,9 @@ from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file,
                  sha256_file, software_versions)
 from .noise import per_sample_noise
 from .image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
-from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
-from .sampling import pairs_sampler
+from .samplers import ddim_invert, inversion_timesteps
+from .sampling import SamplerConfig
+from .schedule import schedule_buffers
 from .shards import ShardedJob
 from .student import load_teacher_and_student
 from .pairs import load_training_pairs
@@ -92,13 +93,11 @@ def _validate(opts: FeatureOptions) -> None:
 def latent_timestep(student_checkpoint: dict, timesteps: int) -> int:
     """Where the student's input noise lives: the first timestep of the teacher grid its training pairs came from.
 
-    DDIM with leading K = 25 starts at t = 960, so its noise is x_960; an inversion that stopped at another
-    timestep would hand the student latents with the wrong share of image signal.
+    DDIM with leading K = 25 starts at t = 960, so its noise is x_960 (DPM-Solver++ at t = 995, where its lambda
+    clipping starts); an inversion that stopped at another timestep would hand the student latents with the wrong
+    share of image signal.
     """
-    sampler = pairs_sampler(student_checkpoint)
-    if sampler["sampler"] == "ddim":
-        return ddim_timesteps(timesteps, sampler["steps"], sampler["spacing"])[0]
-    return timesteps - 1
+    return SamplerConfig.from_student(student_checkpoint).timesteps(schedule_buffers(timesteps)["alphas_cumprod"])[0]
 
 
 class DdimInversionExtractor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, load_checkpoint, p
                  software_versions)
 from .noise import per_sample_noise
 from .shards import ShardedJob
-from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, SAMPLERS, configure_precision, teacher_sample
+from .sampling import DEFAULT_DDIM_STEPS, SAMPLERS, SamplerConfig, configure_precision
 
 DATA_FILE = "training_data.pt"
 
@@ -32,7 +33,7 @@ class GenerateOptions:
     output_dir: str = "direct_decoder_data"
     sampler: str = "ddim"
     steps: int = DEFAULT_DDIM_STEPS
-    spacing: str = DEFAULT_SPACING
+    spacing: Optional[str] = None  # None: the sampler's default (trailing for ddim, logsnr for dpmpp)
     eta: float = 0.0
     clip_x0: bool = True
     seed: int = 0
@@ -58,6 +59,20 @@ def _validate(opts: GenerateOptions) -> None:
         raise PipelineError(f"--precision must be fp32, tf32 or bf16, got {opts.precision!r}")
 
 
+def _sampler_config(opts: GenerateOptions, alphas_cumprod: torch.Tensor) -> SamplerConfig:
+    """The options' sampler, checked against this teacher's schedule (ddpm runs every timestep; its grid and eta
+    are fixed, so --steps, --spacing and --eta do not apply to it)."""
+    try:
+        if opts.sampler == "ddpm":
+            sampler = SamplerConfig("ddpm", len(alphas_cumprod), clip_x0=opts.clip_x0)
+        else:
+            sampler = SamplerConfig(opts.sampler, opts.steps, opts.spacing, opts.eta, opts.clip_x0)
+        sampler.timesteps(alphas_cumprod)
+    except ValueError as err:
+        raise PipelineError(f"--sampler {opts.sampler} --steps {opts.steps}: {err} for this teacher") from None
+    return sampler
+
+
 def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict:
     _validate(opts)
     device = pick_device(opts.cpu)
@@ -65,15 +80,12 @@ def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict
     start = time.perf_counter()
     teacher = load_teacher(opts.ckpt, device)
     load_s = time.perf_counter() - start
-    if opts.sampler == "ddim":
-        if not 1 <= opts.steps <= teacher.config.timesteps:
-            raise PipelineError(f"--steps must be in [1, {teacher.config.timesteps}] for this teacher, got {opts.steps}")
-    steps = opts.steps if opts.sampler == "ddim" else teacher.config.timesteps
+    sampler = _sampler_config(opts, teacher.diffusion.alphas_cumprod)
+    steps = sampler.steps
     out = Path(opts.output_dir)
     # What determines the pairs; batch size and shard size do not.
-    identity = {"teacher_sha256": teacher.sha256, "teacher_weights": teacher.weights, "sampler": opts.sampler,
-                "steps": steps, "spacing": opts.spacing if opts.sampler == "ddim" else "all timesteps",
-                "eta": opts.eta if opts.sampler == "ddim" else 1.0, "clip_x0": opts.clip_x0,
+    identity = {"teacher_sha256": teacher.sha256, "teacher_weights": teacher.weights, "sampler": sampler.name,
+                "steps": steps, "spacing": sampler.spacing, "eta": sampler.eta, "clip_x0": sampler.clip_x0,
                 "seed": opts.seed, "n_samples": opts.n_samples, "device": device.type,
                 "precision": opts.precision if device.type == "cuda" else "fp32"}
     resolved = {"options": asdict(opts), "identity": identity, "device": str(device),
@@ -109,8 +121,7 @@ def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict
             idx = list(range(b, min(b + opts.batch_size, hi)))
             noise = per_sample_noise(opts.seed, idx, device=device)
             x_T = noise.contiguous(memory_format=torch.channels_last) if opts.channels_last else noise
-            images = teacher_sample(net, x_T, opts.sampler, steps, opts.eta, opts.clip_x0, opts.seed, idx,
-                                    opts.precision, eps_fn=eps_fn, spacing=opts.spacing)
+            images = sampler.sample(net, x_T, opts.seed, idx, precision=opts.precision, eps_fn=eps_fn)
             noise_parts.append(noise.cpu())
             image_parts.append(images.contiguous().cpu())
             bar.update(len(idx))
@@ -122,7 +133,7 @@ def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict
                 "teacher_weights": teacher.weights, "teacher_config": teacher.config.to_dict(),
                 "teacher_data_source": teacher.checkpoint.get("data_source", "unknown (upstream checkpoint)"),
                 "sampler": opts.sampler, "steps": steps, "eta": identity["eta"], "clip_x0": opts.clip_x0,
-                "spacing": identity["spacing"],
+                "spacing": identity["spacing"], "sampler_config": sampler.to_dict(),
                 "seed": opts.seed, "noise": "per-sample: models.noise.per_sample_noise(seed, index)",
                 "image_range": [-1.0, 1.0], "device": str(device), "precision": identity["precision"],
                 "versions": software_versions(), "generation_wall_s": round(gen_s, 3),

@@ -16,7 +16,7 @@ from .features import FeatureOptions, extract_reference_features
 from .generate import GenerateOptions, generate_training_data
 from .io import (DEFAULT_CLASSIFIER, DEFAULT_STUDENT, PipelineError, atomic_write_json, atomic_write_text,
                  load_checkpoint, prepare_output_dir, sha256_file, software_versions)
-from .sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, pairs_sampler
+from .sampling import DEFAULT_DDIM_STEPS, SamplerConfig
 from .train_student import StudentTrainOptions, train_student
 
 STAGES = ("generate", "train", "extract", "attribute")
@@ -48,9 +48,10 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     p = PRESETS[preset]
     out = Path(output_dir)
     sampler = _init_from_sampler(p["init_from"], teacher, preset) if p.get("init_from") else \
-        {"steps": p["ddim_steps"], "spacing": DEFAULT_SPACING}
+        SamplerConfig(steps=p["ddim_steps"])
     gen = GenerateOptions(ckpt=teacher, n_samples=p["n_pairs"], batch_size=p["gen_batch"], seed=p.get("pairs_seed", 0),
-                          output_dir=str(out / "data"), steps=sampler["steps"], spacing=sampler["spacing"],
+                          output_dir=str(out / "data"), sampler=sampler.name, steps=sampler.steps,
+                          spacing=sampler.spacing, eta=sampler.eta, clip_x0=sampler.clip_x0,
                           channels_last=p.get("gen_channels_last", False), cpu=cpu)
     train = StudentTrainOptions(ddpm_ckpt=teacher, data_path=str(out / "data" / "training_data.pt"),
                                 output_dir=str(out / "student"), epochs=p["epochs"], batch_size=p["train_batch"],
@@ -67,7 +68,7 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
               ("extract", lambda: extract_reference_features(feats), out / "reference_features.pt"),
               ("attribute", lambda: attribution_generation(attr), out / "attribution" / "attribution_report.json")]
     if dry_run:
-        plan = {"preset": preset, "settings": p, "teacher": teacher, "teacher_sampler": sampler, "output_dir": str(out),
+        plan = {"preset": preset, "settings": p, "teacher": teacher, "teacher_sampler": sampler.to_dict(), "output_dir": str(out),
                 "stages": [s[0] for s in stages]}
         print(json.dumps(plan, indent=2))
         return plan
@@ -89,14 +90,14 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     return state
 
 
-def _init_from_sampler(student_ckpt: str, teacher: str, preset: str) -> dict:
+def _init_from_sampler(student_ckpt: str, teacher: str, preset: str) -> SamplerConfig:
     """A preset that continues the shipped student needs the shipped teacher (said before any work), and pairs from
     the teacher sampler that student learned."""
     ckpt = load_checkpoint(student_ckpt, "cpu", what="student checkpoint", mmap=True)
     if ckpt.get("teacher", {}).get("sha256") != sha256_file(teacher):
         raise PipelineError(f"--preset {preset} continues {student_ckpt}, which was distilled from another teacher "
                             f"than {teacher}; use --preset demo_from_teacher, which distils a new student from yours")
-    return pairs_sampler(ckpt)
+    return SamplerConfig.from_student(ckpt)
 
 
 def _load_features_metadata(path: Path) -> dict:

@@ -217,3 +217,22 @@ def test_api_without_features(tiny_pipeline):
     out = pipe.generate(2, seed=5)
     assert tuple(out.images.shape) == (2, 1, 28, 28) and out.top_k_indices is None
     assert torch.equal(out.noise, per_sample_noise(5, range(2)))
+
+
+def test_api_teacher_images_follow_the_students_pairs_sampler(tiny_pipeline):
+    """The teacher image beside a student's is made by the sampler of the student's pairs, read from the frozen
+    config its checkpoint records (old flat keys for these pairs), so a DPM-Solver++ student is compared with
+    DPM-Solver++ images; ``steps`` overrides K only."""
+    from models.sampling import SamplerConfig
+    pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student), device="cpu")
+    noise = per_sample_noise(3, range(2))
+    learned = SamplerConfig.from_student(pipe.student.checkpoint)
+    assert learned.name == "ddim" and learned.steps == 5
+    assert torch.equal(pipe.teacher_images(noise), learned.sample(pipe.teacher.diffusion, noise))
+    assert torch.equal(pipe.teacher_images(noise, steps=2), SamplerConfig("ddim", 2, learned.spacing)
+                       .sample(pipe.teacher.diffusion, noise))
+    dpmpp = SamplerConfig("dpmpp2m", 4)
+    pipe.student.checkpoint["training_data"] = {"metadata": {"sampler_config": dpmpp.to_dict()}}
+    got = pipe.teacher_images(noise)
+    assert torch.equal(got, dpmpp.sample(pipe.teacher.diffusion, noise))
+    assert not torch.equal(got, SamplerConfig("ddim", 4).sample(pipe.teacher.diffusion, noise))

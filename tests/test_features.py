@@ -15,7 +15,7 @@ import models.data
 import models.features
 from helpers import assert_identical, kill_when, load_pt, one_error_line, start_logged, use_cached_mnist5k
 from models.checkpoint import load_teacher
-from models.features import FeatureOptions, extract_reference_features, psnr
+from models.features import FeatureOptions, extract_reference_features, latent_timestep, psnr
 from models.image_encoder import (EncoderTrainOptions, ImageEncoder, _training_batch, load_image_encoder,
                                   train_image_encoder)
 from models.noise import per_sample_noise
@@ -310,3 +310,15 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, repo_root, tiny_pip
     assert got["metadata"]["consistency"] == ref["metadata"]["consistency"]
     assert not shards.exists(), "shards were left behind after a verified result"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "killed.log") == [out.name]
+
+
+def test_latent_timestep_is_where_the_pairs_sampler_starts():
+    """Inversion must end where the student's noise lives: the first timestep of its pairs' sampler grid."""
+    from models.sampling import SamplerConfig
+
+    def student(meta):
+        return {"training_data": {"metadata": meta}}
+    assert latent_timestep(student({"sampler": "ddim", "steps": 25, "spacing": "leading"}), 1000) == 960
+    assert latent_timestep(student({"sampler": "ddim", "steps": 50, "spacing": "trailing"}), 1000) == 999
+    assert latent_timestep(student({"sampler": "ddpm", "steps": 1000}), 1000) == 999
+    assert latent_timestep(student({"sampler_config": SamplerConfig("dpmpp2m", 10).to_dict()}), 1000) == 995

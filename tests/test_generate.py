@@ -58,6 +58,8 @@ def test_training_data_contents(tiny_pairs, tiny_teacher_ckpt):
     assert meta["teacher_sha256"] == sha256(tiny_teacher_ckpt)
     assert meta["sampler"] == "ddim" and meta["steps"] == 5 and meta["eta"] == 0.0 and meta["seed"] == 0
     assert meta["spacing"] in ("leading", "trailing")
+    assert meta["sampler_config"] == {"name": "ddim", "steps": 5, "spacing": meta["spacing"], "eta": 0.0,
+                                      "clip_x0": True}
     assert list(meta["image_range"]) == [-1.0, 1.0]
     assert {"torch", "python"} <= set(meta["versions"])
     assert meta["teacher_data_source"] == "mnist5k"
@@ -233,6 +235,38 @@ def test_ddpm_sampler_uses_all_timesteps(tiny_teacher_ckpt, tmp_path, gen):
     assert data["metadata"]["sampler"] == "ddpm" and data["metadata"]["steps"] == 50
     assert data["images"].shape == (4, 1, 28, 28)
     assert torch.isfinite(data["images"]).all() and data["images"].abs().max() <= 1.0
+
+
+def test_dpmpp_pairs_record_their_sampler(tiny_teacher_ckpt, tmp_path, gen):
+    """--sampler dpmpp2m: the pairs are that solver's images of their noises, and the frozen config saved with them
+    says so (and regenerates them)."""
+    from models.checkpoint import load_teacher
+    from models.sampling import SamplerConfig
+    code, _, err = gen(*_small(tiny_teacher_ckpt, tmp_path, "--sampler", "dpmpp2m", "--n_samples", 6,
+                               "--batch_size", 4))
+    assert code == 0, err
+    data = load_pt(tmp_path / "training_data.pt")
+    meta = data["metadata"]
+    cfg = SamplerConfig.from_metadata(meta)
+    assert cfg == SamplerConfig("dpmpp2m", 3, "logsnr")
+    assert (meta["sampler"], meta["steps"], meta["spacing"], meta["eta"]) == ("dpmpp2m", 3, "logsnr", 0.0)
+    teacher = load_teacher(tiny_teacher_ckpt)
+    rows = [0, 5]
+    torch.testing.assert_close(cfg.sample(teacher.diffusion, data["noise"][rows], 0, rows), data["images"][rows],
+                               rtol=0, atol=1e-5)
+    other = SamplerConfig("ddim", 3).sample(teacher.diffusion, data["noise"][rows])
+    assert (other - data["images"][rows]).abs().max() > 1e-3  # not DDIM's images under another name
+
+
+@pytest.mark.parametrize("extra, name", [(["--spacing", "leading"], "spacing"), (["--steps", 50], "steps"),
+                                         (["--eta", 0.5], "eta")])
+def test_bad_dpmpp_options_exit_1_with_one_line(extra, name, tiny_teacher_ckpt, tmp_path, gen):
+    """The tiny teacher's T = 50 clips lambda at t = 48: 50 steps do not fit; DPM-Solver++ has no leading grid or eta."""
+    code, _, err = gen(*_replace(_small(tiny_teacher_ckpt, tmp_path / "out", "--sampler", "dpmpp2m", "--n_samples", 2),
+                                 extra[0], extra[1]))
+    assert code == 1, err
+    assert name in one_error_line(err)
+    assert not (tmp_path / "out" / "training_data.pt").exists()
 
 
 @pytest.mark.parametrize("flag, value, name", [("--steps", 0, "steps"), ("--steps", 51, "steps"),
