@@ -20,13 +20,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .data import SOURCES, load_dataset
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file, load_checkpoint, pick_device,
                  sha256_file, software_versions)
 from .noise import per_sample_noise
 from .image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
+from .progress import progress_bar
 from .samplers import ddim_invert, ddim_timesteps, inversion_timesteps
 from .sampling import pairs_sampler
 from .shards import ShardedJob
@@ -188,7 +188,7 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
         extractor = DdimInversionExtractor(teacher, decoder, grid)
     print(f"features: {extractor.describe()}")
     work_start = time.perf_counter()
-    bar = tqdm(total=n, initial=job.n_done, desc="features", unit="img", dynamic_ncols=True)
+    bar = progress_bar(total=n, initial=job.n_done, desc="features", unit="img", dynamic_ncols=True)
     for lo, hi in job.pending():
         parts: dict[str, list] = {"features": [], "latents": [], "psnr": []}
         for b in range(lo, hi, opts.batch_size):
