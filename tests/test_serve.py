@@ -292,3 +292,13 @@ def _process_alive(job_id: str, workdir) -> bool:
         except OSError:
             continue
     return False
+
+
+def test_relative_workdir_gives_jobs_absolute_paths(tmp_path, monkeypatch):
+    """The stages run with the working directory as their cwd, so nothing handed to them may stay relative."""
+    monkeypatch.chdir(tmp_path)
+    jobs = JobManager("work", {})
+    try:
+        assert jobs.workdir == (tmp_path / "work").resolve() and jobs.job_dir("x").is_absolute()
+    finally:
+        jobs.store.close()

@@ -37,7 +37,7 @@ class JobStateError(PipelineError):
 
 class JobManager:
     def __init__(self, workdir: Path, served: dict[str, str]):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # the stages run with it as their cwd: every path must be absolute
         self.served = served
         (self.workdir / "jobs").mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.workdir / "jobs.sqlite")

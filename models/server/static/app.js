@@ -221,6 +221,7 @@ async function init() {
   for (const select of [$("class-label"), $("picker-label")])
     for (const c of info.classes) select.append(new Option(String(c), String(c)));
   for (const stage of info.stages) $("job-stage").append(new Option(stage, stage));
+  $("job-stage").value = "generate";
   $("n").max = info.limits.n;
   ["class-strength", "include-strength", "exclude-strength"].forEach(bindSlider);
   ["seed", "n", "class-label"].forEach((id) => $(id).addEventListener("input", schedule));
