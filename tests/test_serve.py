@@ -302,3 +302,13 @@ def test_relative_workdir_gives_jobs_absolute_paths(tmp_path, monkeypatch):
         assert jobs.workdir == (tmp_path / "work").resolve() and jobs.job_dir("x").is_absolute()
     finally:
         jobs.store.close()
+
+
+def test_stopping_server_interrupts_its_jobs(tiny_pipeline, tmp_path):
+    jobs = JobManager(tmp_path, {"teacher": str(tiny_pipeline.teacher)})
+    job = jobs.start("generate", {**TINY_GENERATE, "n_samples": 5000, "steps": 20, "output_dir": "pairs"})
+    time.sleep(0.5)
+    jobs.shutdown()
+    record = JobManager(tmp_path, {}).get(job["id"])  # the next server reads the same records
+    assert record["status"] == "interrupted" and record["finished"] and "resume" in record["error"]
+    assert not _process_alive(job["id"], tmp_path)

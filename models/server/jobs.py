@@ -43,6 +43,7 @@ class JobManager:
         self.store = JobStore(self.workdir / "jobs.sqlite")
         self._procs: dict[str, subprocess.Popen] = {}
         self._cancelled: set[str] = set()
+        self._stopping = False  # set by shutdown: jobs ending then were interrupted, not failed
         self._lock = threading.Lock()
         self._mark_interrupted()
 
@@ -101,6 +102,8 @@ class JobManager:
             self._procs.pop(job_id, None)
             cancelled = job_id in self._cancelled
             self._cancelled.discard(job_id)
+        if self._stopping:
+            return  # shutdown records it as interrupted
         lines = [line for line in self.log_text(job_id).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error: ")]
         status = "succeeded" if code == 0 else "cancelled" if cancelled else "failed"
@@ -137,6 +140,7 @@ class JobManager:
     def shutdown(self) -> None:
         """Server stopping: its jobs stop with it (recorded as interrupted, resumable)."""
         with self._lock:
+            self._stopping = True
             procs = dict(self._procs)
         for job_id, proc in procs.items():
             _signal_group(proc.pid, signal.SIGKILL)
