@@ -312,3 +312,14 @@ def test_stopping_server_interrupts_its_jobs(tiny_pipeline, tmp_path):
     record = JobManager(tmp_path, {}).get(job["id"])  # the next server reads the same records
     assert record["status"] == "interrupted" and record["finished"] and "resume" in record["error"]
     assert not _process_alive(job["id"], tmp_path)
+
+
+def test_serve_refuses_a_missing_model_and_a_mismatched_pair(tiny_pipeline, script, tmp_path):
+    proc = script("serve.py", "--teacher", tmp_path / "no_such_teacher.pt", "--workdir", tmp_path, "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no_such_teacher.pt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = script("serve.py", "--teacher", tiny_pipeline.teacher, "--student", tiny_pipeline.student, "--features",
+                  tiny_pipeline.features, "--workdir", tmp_path, "--dry-run", "--cpu")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["features"] == str(tiny_pipeline.features)
+    mismatched = script("serve.py", "--student", tiny_pipeline.student, "--workdir", tmp_path, "--dry-run", "--cpu")
+    assert mismatched.returncode == 1 and mismatched.stderr.startswith("error: "), mismatched.stderr
