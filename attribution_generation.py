@@ -6,7 +6,8 @@ from models.cli import ArgumentParser, add_common, options_from_args
 from models.io import run_cli
 
 
-def main():
+def build_parser() -> ArgumentParser:
+    """The command line (also read by serve.py to check a job's options before it starts)."""
     d = AttributionOptions()
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint")
@@ -26,7 +27,11 @@ def main():
                    help="skip the steering and attribution evaluation (attribution_report.json)")
     p.add_argument("--classifier", default=d.classifier, help="project classifier used by the evaluation")
     add_common(p)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     attribution_generation(options_from_args(AttributionOptions, args), dry_run=args.dry_run)
 
 

@@ -6,7 +6,8 @@ from models.features import FeatureOptions, extract_reference_features
 from models.io import run_cli
 
 
-def main():
+def build_parser() -> ArgumentParser:
+    """The command line (also read by serve.py to check a job's options before it starts)."""
     d = FeatureOptions()
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt,
@@ -44,7 +45,11 @@ def main():
     p.add_argument("--shard_size", type=int, default=d.shard_size, help="images per resumable shard; 0: 10 batches")
     p.add_argument("--download", action="store_true", help="allow downloading --dataset mnist")
     add_common(p)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     extract_reference_features(options_from_args(FeatureOptions, args), dry_run=args.dry_run)
 
 

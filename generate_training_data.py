@@ -7,7 +7,8 @@ from models.samplers import DPMPP_SPACING_HELP, DPMPP_SPACINGS, SPACINGS
 from models.sampling import SAMPLERS, SPACING_HELP
 
 
-def main():
+def build_parser() -> ArgumentParser:
+    """The command line (also read by serve.py to check a job's options before it starts)."""
     d = GenerateOptions()
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", default=d.ckpt, help="teacher checkpoint (ours or upstream MNISTDiffusion's)")
@@ -35,7 +36,11 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slow start)")
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     add_common(p)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     generate_training_data(options_from_args(GenerateOptions, args), dry_run=args.dry_run)
 
 

@@ -5,7 +5,8 @@ from models.io import DEFAULT_CLASSIFIER, DEFAULT_TEACHER, run_cli
 from models.pipeline import PRESETS, run_pipeline
 
 
-def main():
+def build_parser() -> ArgumentParser:
+    """The command line (also read by serve.py to check a job's options before it starts)."""
     p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="demo: minutes on a 2-core CPU, continuing the shipped student; demo_from_teacher: the same "
@@ -15,7 +16,11 @@ def main():
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project MNIST classifier")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the plan and exit")
-    a = p.parse_args()
+    return p
+
+
+def main():
+    a = build_parser().parse_args()
     run_pipeline(a.preset, a.output_dir or a.preset, a.teacher, a.cpu, a.dry_run, a.classifier)
 
 

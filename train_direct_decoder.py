@@ -5,7 +5,8 @@ from models.io import run_cli
 from models.train_student import StudentTrainOptions, evaluate_only, train_student
 
 
-def main():
+def build_parser() -> ArgumentParser:
+    """The command line (also read by serve.py to check a job's options before it starts)."""
     d = StudentTrainOptions()
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint the training data came from")
@@ -72,7 +73,11 @@ def main():
                         "--ddpm_ckpt on the validation split of --data_path, write OUTPUT_DIR/evaluation.json "
                         "(default: off)")
     add_common(p, resume=True)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     opts = options_from_args(StudentTrainOptions, args)
     if args.evaluate_only:
         evaluate_only(opts, args.evaluate_only, dry_run=args.dry_run)

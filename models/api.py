@@ -44,11 +44,14 @@ class DirectDecoderPipeline:
              device: Optional[str] = None) -> "DirectDecoderPipeline":
         dev = torch.device(device) if device else pick_device()
         teacher, student = load_teacher_and_student(teacher_path, decoder_path, dev)
-        reference = None
-        if features_path is not None:
-            reference = load_reference_features(features_path, dev)
-            check_feature_pairing(reference, teacher.sha256, student.sha256, features_path)
-        return cls(teacher, student, reference, dev)
+        pipe = cls(teacher, student, None, dev)
+        return pipe.with_features(features_path) if features_path is not None else pipe
+
+    def with_features(self, features_path: str) -> "DirectDecoderPipeline":
+        """This teacher and student with reference features, refused unless extracted from this very pair."""
+        reference = load_reference_features(features_path, self.device)
+        check_feature_pairing(reference, self.teacher.sha256, self.student.sha256, str(features_path))
+        return type(self)(self.teacher, self.student, reference, self.device)
 
     def _need_reference(self) -> Steering:
         if self.steering is None:
@@ -60,6 +63,9 @@ class DirectDecoderPipeline:
 
     def exclude(self, indices, strength: float = 0.5) -> Hook:
         return self._need_reference().exclude(indices, strength)
+
+    def interpolate(self, a_indices, b_indices, alpha: float = 0.5, strength: float = 0.5) -> Hook:
+        return self._need_reference().interpolate(a_indices, b_indices, alpha, strength)
 
     def toward_class(self, label: int, strength: float = 0.5) -> Hook:
         return self._need_reference().toward_class(label, strength)

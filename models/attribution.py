@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .classifier import load_classifier
 from .data import load_dataset
 from .features import check_feature_pairing, load_reference_features
-from .hooks import class_hook, exclude_hook, include_hook
+from .hooks import class_hook, exclude_hook, include_hook, interpolate_hook
 from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, atomic_save, atomic_write_json,
                  pick_device, prepare_output_dir, save_image_grid, software_versions)
 from .noise import per_sample_noise
@@ -87,6 +87,12 @@ class Steering:
 
     def exclude(self, indices, strength):
         return exclude_hook(self.features[_check_indices("exclude", list(indices), len(self.labels))], strength)
+
+    def interpolate(self, a_indices, b_indices, alpha, strength):
+        """Toward the point ``alpha`` of the way from the mean of training images a to the mean of images b."""
+        n = len(self.labels)
+        return interpolate_hook(self.features[_check_indices("interpolate a", list(a_indices), n)],
+                                self.features[_check_indices("interpolate b", list(b_indices), n)], alpha, strength)
 
     def toward_class(self, label: int, strength):
         classes = sorted(int(c) for c in self.labels.unique())

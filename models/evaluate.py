@@ -149,9 +149,9 @@ def sample_teacher_images(diffusion, n: int, sampler: str = "ddim", steps: int =
                           spacing: str = DEFAULT_SPACING, seed: int = 0, batch_size: int = 250,
                           device="cpu", desc: str = "teacher samples", clip_x0: bool = True) -> torch.Tensor:
     """n teacher images with per-sample noise (seed, i), with a progress bar."""
-    from tqdm import tqdm
+    from .progress import progress_bar
     parts = []
-    for b in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+    for b in progress_bar(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
         idx = list(range(b, min(b + batch_size, n)))
         z = per_sample_noise(seed, idx, device=device)
         parts.append(teacher_sample(diffusion, z, sampler, steps, seed=seed, indices=idx, spacing=spacing,

@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .data import SOURCES, load_dataset
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file, load_checkpoint, pick_device,
@@ -30,6 +29,7 @@ from .image_encoder import EncoderTrainOptions, encoder_record, train_image_enco
 from .samplers import ddim_invert, inversion_timesteps
 from .sampling import SamplerConfig
 from .schedule import schedule_buffers
+from .progress import progress_bar
 from .shards import ShardedJob
 from .student import load_teacher_and_student
 from .pairs import load_training_pairs
@@ -187,7 +187,7 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
         extractor = DdimInversionExtractor(teacher, decoder, grid)
     print(f"features: {extractor.describe()}")
     work_start = time.perf_counter()
-    bar = tqdm(total=n, initial=job.n_done, desc="features", unit="img", dynamic_ncols=True)
+    bar = progress_bar(total=n, initial=job.n_done, desc="features", unit="img", dynamic_ncols=True)
     for lo, hi in job.pending():
         parts: dict[str, list] = {"features": [], "latents": [], "psnr": []}
         for b in range(lo, hi, opts.batch_size):

@@ -13,12 +13,12 @@ from typing import Optional
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .checkpoint import load_teacher
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, load_checkpoint, pick_device, prepare_output_dir,
                  software_versions)
 from .noise import per_sample_noise
+from .progress import progress_bar
 from .shards import ShardedJob
 from .sampling import DEFAULT_DDIM_STEPS, SAMPLERS, SamplerConfig, configure_precision
 
@@ -114,7 +114,8 @@ def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict
     print(f"teacher {teacher.path} ({teacher.weights} weights, sha256 {teacher.sha256[:12]}) loaded to {device} "
           f"in {load_s:.2f}s; {opts.sampler} {steps} steps; {opts.n_samples - n_todo} pairs already done")
     gen_start = time.perf_counter()
-    bar = tqdm(total=opts.n_samples, initial=opts.n_samples - n_todo, desc="pairs", unit="pair", dynamic_ncols=True)
+    bar = progress_bar(total=opts.n_samples, initial=opts.n_samples - n_todo, desc="pairs", unit="pair",
+                       dynamic_ncols=True)
     for lo, hi in todo:
         noise_parts, image_parts = [], []
         for b in range(lo, hi, opts.batch_size):

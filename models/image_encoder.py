@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .diffusion import TeacherConfig
 from .io import PipelineError, atomic_save, load_checkpoint
 from .noise import per_sample_noise
 from .optim import warmup_cosine
+from .progress import progress_bar
 from .unet import Unet, recalibrate_batchnorm
 
 ENCODER_KEYS = ("init_conv.", "time_embedding.", "encoder_blocks.", "mid_block.")
@@ -137,7 +137,7 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
     encoder.train()
-    bar = tqdm(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
     while step < opts.steps:
         images, h = _training_batch(decoder, pairs, opts, step, device)
         loss = F.mse_loss(encoder(images), h)

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
 
 from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
 from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save,
@@ -20,6 +19,7 @@ from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, Pipeline
 from .optim import warmup_cosine
 from .pairs import load_training_pairs, student_split
 from .plots import plot_metric_curves
+from .progress import progress_bar
 from .sampling import autocast_for, configure_precision
 from .student import SKIP_MODES, DirectDecoder, load_student
 from .unet import recalibrate_batchnorm
@@ -278,7 +278,7 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         # augmentation and real-batch draws of this epoch, replayed identically by --resume
         adv_gen = torch.Generator().manual_seed(opts.seed * 104729 + epoch)
         use_adv = adversarial is not None and epoch >= opts.adv_start_epoch
-        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="step", dynamic_ncols=True,
+        bar = progress_bar(range(per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="step", dynamic_ncols=True,
                    leave=False)
         for s in bar:
             idx = order[s * opts.batch_size:(s + 1) * opts.batch_size]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
 
 from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state, total_steps
 from .data import load_dataset
@@ -19,6 +18,7 @@ from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, lo
                  save_image_grid, software_versions, truncate_jsonl)
 from .noise import per_sample_noise, step_generator
 from .plots import plot_metric_curves
+from .progress import progress_bar
 from .sampling import teacher_sample
 from .unet import batchnorm_layers, sinusoidal_table
 
@@ -175,7 +175,7 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     stats_path = out / "stats.jsonl"
     start_time, run_loss, run_n = time.perf_counter(), 0.0, 0
     train_mode(diffusion, opts.freeze_batchnorm)
-    bar = tqdm(total=total, initial=step, desc="train_ddpm", unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=step, desc="train_ddpm", unit="step", dynamic_ncols=True)
     while step < total:
         gen = step_generator(opts.seed, step)
         idx = _batch_indices(opts.seed, step, per_epoch, opts.batch_size, len(data))

@@ -144,3 +144,43 @@ def kill_when(proc: subprocess.Popen, until: Union[Path, Callable[[], bool]], ti
             proc.kill()
         returncode = proc.wait(timeout=60)
     return returncode
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS's choice of an ephemeral one)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, log: Path, cwd, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """Starts serve.py on an ephemeral port of 127.0.0.1 and waits until it answers; returns (process, base URL).
+    The caller stops it (``stop_server``)."""
+    import httpx
+    port = free_port()
+    proc = start_logged([sys.executable, Path(cwd) / "serve.py", "--port", port, *args], log, cwd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve.py exited ({proc.returncode}) before answering:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/info", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve.py did not answer within {timeout:g} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -341,7 +341,7 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch, capsys, files, 
 
 SCRIPTS = ("train_ddpm.py", "generate_training_data.py", "train_direct_decoder.py", "test_direct_decoder.py",
            "extract_reference_features.py", "attribution_generation.py", "run_pipeline.py", "verify_models.py",
-           "train_classifier.py")
+           "train_classifier.py", "serve.py")
 BENCHES = tuple(f"bench/{path.name}" for path in sorted((REPO / "bench").glob("*.py")) if path.name != "common.py")
 
 
@@ -388,6 +388,7 @@ BENCH_MISSING_INPUT = {
     "bench_demo_student.py": ["--ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_features.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_generate.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "bench_serve.py": ["--teacher", "MISSING", "--student", "MISSING", "--record", "OUT", "--cpu"],
     "bench_student_quality.py": ["--ddpm_ckpt", "MISSING", "--data_path", "MISSING", "--students", "MISSING",
                                  "--record", "OUT", "--cpu"],
     "bench_student_generalization.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT",

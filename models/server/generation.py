@@ -1,0 +1,132 @@
+"""POST /v1/generate: the request's schema and limits, hooks built by the pipeline's own hook constructors, and the
+answer (PNGs as base64, per-image top-k training images) from ``DirectDecoderPipeline.generate`` itself."""
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from typing import Annotated, Literal, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..api import DirectDecoderPipeline
+from ..data import load_dataset
+from ..hooks import compose
+from ..io import PipelineError, image_grid_png
+
+MAX_N = 64
+MAX_TOP_K = 20
+MAX_HOOKS = 8
+MAX_INDICES = 256
+MAX_SEED = 2 ** 53 - 1  # exact in a JavaScript number
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ClassHookSpec(_Strict):
+    type: Literal["class"]
+    label: int
+    strength: float = 0.5
+
+
+class IncludeHookSpec(_Strict):
+    type: Literal["include"]
+    indices: list[int] = Field(min_length=1, max_length=MAX_INDICES)
+    strength: float = 0.5
+
+
+class ExcludeHookSpec(_Strict):
+    type: Literal["exclude"]
+    indices: list[int] = Field(min_length=1, max_length=MAX_INDICES)
+    strength: float = 0.5
+
+
+class InterpolateHookSpec(_Strict):
+    type: Literal["interpolate"]
+    a: list[int] = Field(min_length=1, max_length=MAX_INDICES)
+    b: list[int] = Field(min_length=1, max_length=MAX_INDICES)
+    alpha: float = 0.5
+    strength: float = 0.5
+
+
+HookSpec = Annotated[Union[ClassHookSpec, IncludeHookSpec, ExcludeHookSpec, InterpolateHookSpec],
+                     Field(discriminator="type")]
+
+
+class GenerateRequest(_Strict):
+    n: int = Field(16, ge=1, le=MAX_N, description="images to generate")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="noise of image i depends only on (seed, i)")
+    hooks: list[HookSpec] = Field(default_factory=list, max_length=MAX_HOOKS, description="applied in order")
+    top_k: int = Field(5, ge=0, le=MAX_TOP_K, description="training images reported per generation (0: none)")
+    raw: bool = Field(False, description="also return the images as float32 (base64, little-endian, [n,1,28,28])")
+
+
+class HookRequestError(PipelineError):
+    """A hook whose values the hook constructors refuse: 422 with their message."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class GenerationService:
+    """The served pipeline, one generation at a time (torch runs each request on all its threads)."""
+
+    def __init__(self, pipe: DirectDecoderPipeline):
+        self.pipe = pipe
+        meta = pipe.reference["metadata"]
+        self.dataset = load_dataset(meta["dataset"], meta["split"])
+        self.labels = pipe.reference["labels"].cpu()
+        self.rows = pipe.reference["indices"].cpu()
+        self._lock = threading.Lock()
+
+    def build_hook(self, specs: list) -> Optional[object]:
+        hooks = []
+        for i, spec in enumerate(specs):
+            try:
+                if spec.type == "class":
+                    hooks.append(self.pipe.toward_class(spec.label, spec.strength))
+                elif spec.type == "include":
+                    hooks.append(self.pipe.include(spec.indices, spec.strength))
+                elif spec.type == "exclude":
+                    hooks.append(self.pipe.exclude(spec.indices, spec.strength))
+                else:
+                    hooks.append(self.pipe.interpolate(spec.a, spec.b, spec.alpha, spec.strength))
+            except PipelineError as err:
+                raise HookRequestError(f"hooks[{i}] ({spec.type}): {str(err).replace('--', '')}") from err
+        return compose(*hooks) if hooks else None
+
+    def generate(self, request: GenerateRequest) -> dict:
+        hook = self.build_hook(request.hooks)
+        start = time.perf_counter()
+        with self._lock:
+            out = self.pipe.generate(request.n, request.seed, hook, top_k=request.top_k)
+        images = out.images.cpu()
+        items = []
+        for i in range(request.n):
+            top = [] if request.top_k == 0 else [
+                {"index": int(idx), "label": int(lab), "score": float(score)}
+                for idx, lab, score in zip(out.top_k_indices[i], out.top_k_labels[i], out.top_k_scores[i])]
+            items.append({"index": i, "png": _b64(image_grid_png(images[i:i + 1], nrow=1, padding=0)), "top_k": top})
+        answer = {"n": request.n, "seed": request.seed, "grid_png": _b64(image_grid_png(images)), "images": items}
+        if request.raw:
+            answer["raw_f32"] = _b64(images.float().contiguous().numpy().astype("<f4").tobytes())
+        answer["elapsed_s"] = round(time.perf_counter() - start, 4)
+        return answer
+
+    def training_image_png(self, index: int) -> tuple[bytes, int]:
+        """Row ``index`` of the reference set: its image as a PNG, and its label."""
+        if not 0 <= index < len(self.labels):
+            raise IndexError(f"training image {index} does not exist: the reference set has indices "
+                             f"0..{len(self.labels) - 1}")
+        image = self.dataset.images[int(self.rows[index])]
+        return image_grid_png(image[None], nrow=1, padding=0), int(self.labels[index])
+
+    def training_images(self, label: Optional[int], offset: int, limit: int) -> dict:
+        rows = torch.arange(len(self.labels)) if label is None else torch.nonzero(self.labels == label).flatten()
+        chosen = rows[offset:offset + limit]
+        return {"total": len(rows), "offset": offset,
+                "items": [{"index": int(i), "label": int(self.labels[i])} for i in chosen]}
