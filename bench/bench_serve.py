@@ -13,15 +13,13 @@ from pathlib import Path
 from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from models.api import DirectDecoderPipeline  # noqa: E402
-from models.cli import ArgumentParser, add_cpu_flag  # noqa: E402
-from models.io import (DEFAULT_STUDENT, DEFAULT_TEACHER, PipelineError, append_jsonl, machine_description,  # noqa: E402
-                       require_file, run_cli)
+from models.api import DirectDecoderPipeline
+from models.cli import ArgumentParser, add_cpu_flag
+from models.io import DEFAULT_STUDENT, DEFAULT_TEACHER, PipelineError, append_run_record, require_file, run_cli
 
 
 def start(args, port: int, log: Path):
@@ -80,13 +78,13 @@ def main():
     identical = bool(torch.equal(torch.from_numpy(raw.copy()), expected.images.cpu())) and all(
         [t["index"] for t in item["top_k"]] == expected.top_k_indices[i].tolist()
         for i, item in enumerate(answer["images"]))
-    record = {"machine": machine_description(), "n": args.n, "top_k": 5, "hook": f"class {label} @ 0.7",
+    record = {"n": args.n, "top_k": 5, "hook": f"class {label} @ 0.7",
               "repeats": args.repeats, "median_s": round(median(times), 4), "best_s": round(min(times), 4),
               "server_compute_s": answer["elapsed_s"], "bitwise_equal_to_pipeline": identical,
               "teacher_sha256": info["teacher_sha256"], "student_sha256": info["student_sha256"],
               "features": info["features"], "n_reference": info["n_reference"],
-              "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
-    append_jsonl(record, args.record)
+              "date": time.strftime("%Y-%m-%d")}
+    record = append_run_record(record, args.record)
     print(f"bench_serve: {args.n} images + top-5 attribution over HTTP: median {record['median_s'] * 1000:.0f} ms, "
           f"best {record['best_s'] * 1000:.0f} ms over {args.repeats}; bitwise equal to the pipeline: {identical}")
     if not identical:
