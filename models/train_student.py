@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
+from .checkpoint import checkpoint_to_resume, load_teacher, require_finite_checkpoint, restore_training_state
 from .data import split_indices
+from .guards import holds_output_locks, require_finite_rows, require_finite_values
 from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save,
                  atomic_write_json, load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file,
                  software_versions, truncate_jsonl)
@@ -83,6 +84,9 @@ def load_training_pairs(path: str | Path, device="cpu") -> dict:
                            fix="create it with `python generate_training_data.py --ckpt TEACHER --output_dir DIR`")
     if data.get("kind") != "training_pairs" or "noise" not in data or "images" not in data:
         raise PipelineError(f"{path} is not a training_data.pt written by generate_training_data.py")
+    for key in ("noise", "images"):
+        require_finite_rows(data[key], range(data[key].shape[0]), f"training data {path}: {key}",
+                            "regenerate it with generate_training_data.py from a teacher with finite weights")
     return data
 
 
@@ -211,7 +215,8 @@ def _real_images_for_discriminator(opts: StudentTrainOptions, teacher_images: to
     return torch.cat(parts)
 
 
-def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool = False) -> dict:
+@holds_output_locks
+def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool = False, *, locks) -> dict:
     _validate(opts)
     device = pick_device(opts.cpu)
     configure_precision(device, opts.precision)
@@ -245,11 +250,13 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         print(json.dumps(resolved, indent=2, default=str))
         return resolved
     out = prepare_output_dir(opts.output_dir)
+    locks.hold(out)
     noise, images = data["noise"].to(device), data["images"].to(device)
     torch.manual_seed(opts.seed)
     student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips).to(device)
     ema = make_student_ema(student, opts.ema_decay)
     if init is not None:
+        require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")
         student.load_state_dict(init.checkpoint["model"])
         ema.load_state_dict(init.checkpoint["model_ema"])
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
@@ -277,8 +284,8 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                                     "--adv_weight, or start a new --output_dir")
             adversarial.load_state_dict(ckpt["discriminator"])
         start_epoch, best_val = int(ckpt["epoch"]), float(ckpt.get("best_score", ckpt.get("best_val_loss")))
-        truncate_jsonl(out / "stats.jsonl", "epoch", start_epoch)
         print(f"resumed from {latest} (epoch {start_epoch}/{opts.epochs})")
+    truncate_jsonl(out / "stats.jsonl", "epoch", start_epoch)  # records of an epoch whose checkpoint was never written
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 
     preview = val_idx[:opts.n_preview]
@@ -308,13 +315,12 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                         if opts.adv_adaptive else 1.0
                     loss = loss + opts.adv_weight * scale * adv_loss
                     parts["adv"], parts["adv_scale"] = adv_loss.item(), float(scale)
-            bad = [k for k, v in parts.items() if not math.isfinite(v)] + ([] if torch.isfinite(loss) else ["total"])
-            if bad:
-                raise PipelineError(f"loss became non-finite ({', '.join(f'{k}={parts.get(k, loss.item())}' for k in bad)}) "
-                                    f"in epoch {epoch + 1}; stopped. The last good checkpoint is kept in {out}; lower "
-                                    "--lr (or --disc_lr / --adv_weight) and --resume, or start again")
+            stopped = (f"stopped in epoch {epoch + 1}. The last good checkpoint is kept in {out}; lower --lr (or "
+                       "--disc_lr / --adv_weight) and --resume, or start again")
+            require_finite_values(parts | {"total": loss.item()}, "loss", stopped)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), opts.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), opts.grad_clip)
+            require_finite_values({"gradient norm": grad_norm.item()}, "the student's gradient", stopped)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -327,6 +333,9 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         bar.close()
         recalibrate_batchnorm(ema.module, noise[train_idx[:opts.bn_samples]], opts.batch_size)
         val_loss = evaluate_loss(ema.module, noise[val_idx], images[val_idx], opts.batch_size, device, opts.precision)
+        require_finite_values({"val_loss": val_loss}, "the EMA student's validation loss",
+                              f"stopped in epoch {epoch + 1}, before saving it. The last good checkpoint is kept "
+                              f"in {out}; lower --lr and --resume, or start again")
         epoch_no = epoch + 1
         fd = None if val_fd is None else val_fd(ema.module, noise[val_idx])
         record = {"epoch": epoch_no, "train_loss": running / seen, "val_loss": val_loss,
@@ -350,10 +359,11 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
             student_preview = ema.module.eval()(noise[preview]).float().clamp(-1, 1)
         save_image_grid(torch.cat([images[preview], student_preview]), out / f"samples_epoch_{epoch_no:03d}.png",
                         nrow=len(preview))
-        atomic_save(ckpt, out / f"ckpt_epoch_{epoch_no:03d}.pt")
         if improved:
             atomic_save(ckpt, out / "best_model.pt")
         plot_metric_curves(stats_path, out / "loss.png", keys=("train_loss", "val_loss"), x="epoch", log_y=True)
+        # last: --resume continues after the newest epoch checkpoint, so the epoch's other files must be written
+        atomic_save(ckpt, out / f"ckpt_epoch_{epoch_no:03d}.pt")
         print(f"epoch {epoch_no}/{opts.epochs}: train {record['train_loss']:.5f}  val {val_loss:.5f}"
               f"{'' if fd is None else f'  val FD {fd:.2f}'}"
               f"{'  (best)' if improved else ''}  {record['seconds']:.1f}s")
