@@ -73,7 +73,7 @@ class DirectDecoderPipeline:
                  noise: Optional[torch.Tensor] = None) -> Generation:
         z = self.noise(n, seed) if noise is None else noise.to(self.device)
         images, _, feats = self.student.decoder.generate(z, hook)
-        require_finite(images, "the student's images", "its weights are finite (checked at load), so this noise or "
+        require_finite(images, "the student's output", "its weights are finite (checked at load), so this noise or "
                        "hook made it overflow")
         result = Generation(z, images.float().clamp(-1, 1), feats)
         if self.steering is not None:

@@ -65,7 +65,7 @@ def require_finite_rows(tensor: torch.Tensor, indices: Sequence[int], what: str,
     if rows:
         indices = list(indices)
         raise PipelineError(f"{what} of samples {format_indices([indices[r] for r in rows])} hold non-finite "
-                            f"values ({len(rows)} of {len(indices)} in this batch); {cause}")
+                            f"values ({len(rows)} of {len(indices)}); {cause}")
 
 
 def require_finite_weights(state: dict, source: str, fix: str) -> None:

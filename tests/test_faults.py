@@ -477,5 +477,5 @@ def test_generate_api_refuses_to_return_non_finite_images(train_stage, tmp_path)
     student = tmp_path / "huge_student.pt"
     _poison(train_stage.result, student, 0.0, scale=True)
     pipe = DirectDecoderPipeline.load(str(train_stage.inputs["teacher"]), str(student), device="cpu")
-    with pytest.raises(PipelineError, match="the student's images holds non-finite values"):
+    with pytest.raises(PipelineError, match="the student's output holds non-finite values"):
         pipe.generate(4)
