@@ -140,6 +140,7 @@ def _load_init(opts: StudentTrainOptions, teacher, device):
     """The student to continue: from the same teacher, or, when asked, from another teacher of the same architecture
     (e.g. an earlier checkpoint of this one), a warm start that costs a fraction of distilling from the teacher."""
     init = load_student(opts.init_from, device)
+    require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")  # continued as well as the EMA
     if init.teacher_sha256 == teacher.sha256:
         return init
     if not opts.init_from_other_teacher:
@@ -256,7 +257,6 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips).to(device)
     ema = make_student_ema(student, opts.ema_decay)
     if init is not None:
-        require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")
         student.load_state_dict(init.checkpoint["model"])
         ema.load_state_dict(init.checkpoint["model_ema"])
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)

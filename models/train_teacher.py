@@ -126,6 +126,7 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     init, steps_before = None, 0
     if opts.init_from:
         init = load_teacher(opts.init_from, device)  # validates the file; its architecture wins over the flags
+        require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")  # continued too
         model_args = init.config
         steps_before = total_steps(init.checkpoint)
     resolved = {"options": asdict(opts), "model_args": model_args.to_dict(), "total_steps": total,
@@ -147,7 +148,6 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
                 sinusoidal_table(model_args.timesteps, model_args.time_embedding_dim))
     ema = make_ema(diffusion, decay)
     if init is not None:
-        require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")
         diffusion.load_state_dict(init.checkpoint["model"])
         if isinstance(init.checkpoint.get("model_ema"), dict):
             ema.load_state_dict(init.checkpoint["model_ema"])

@@ -272,6 +272,21 @@ def test_every_later_stage_refuses_a_nan_student(train_stage, extract_stage, cli
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan_student.pt"], "a refused stage wrote output"
 
 
+def test_train_ddpm_refuses_to_continue_nan_weights(tiny_teacher_ckpt, cli, monkeypatch, mnist5k, tmp_path):
+    """--init_from continues the raw weights as well as the EMA ones: NaN in either is refused before any output."""
+    import models.train_teacher
+    use_cached_mnist5k(monkeypatch, models.train_teacher, mnist5k)
+    ckpt = load_pt(tiny_teacher_ckpt)
+    name = next(k for k in ckpt["model"] if "init_conv.module.0.weight" in k)
+    ckpt["model"][name].view(-1)[0] = float("nan")
+    torch.save(ckpt, tmp_path / "raw_nan.pt")
+    out = tmp_path / "out"
+    code, _, err = cli("train_ddpm.py", ["--init_from", tmp_path / "raw_nan.pt", "--output_dir", out, "--steps", "8",
+                                         "--batch_size", "8", "--cpu", "--threads", "1"])
+    refused(code, err, "--init_from", "raw weights", name, "1 NaN")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- SIGKILL while writing
 
 # What a rerun says when it continues from the work a broken run kept (extraction keeps its shards silently).
