@@ -175,7 +175,7 @@ def kill_on_create(proc: subprocess.Popen, directory: Path, pattern: str, timeou
             assert time.monotonic() < deadline, f"{what} did not appear within {timeout:g} s"
     finally:
         os.close(fd)
-        if proc.poll() is None and proc.returncode is None:
+        if proc.poll() is None:
             proc.kill()
         returncode = proc.wait(timeout=60)
     return returncode

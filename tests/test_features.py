@@ -309,4 +309,5 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, repo_root, tiny_pip
         assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
     assert got["metadata"]["consistency"] == ref["metadata"]["consistency"]
     assert not shards.exists(), "shards were left behind after a verified result"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "killed.log") == [out.name]
+    # beside the result: only its hidden output lock
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "killed.log") == [f".{out.name}.lock", out.name]
