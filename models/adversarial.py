@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from .classifier import random_shift
+from .guards import require_finite
 
 
 class Discriminator(nn.Module):
@@ -61,13 +62,14 @@ class AdversarialTerm:
         return self.real[idx.to(self.real.device)]
 
     def discriminator_step(self, fake: torch.Tensor, generator: torch.Generator) -> float:
-        """One hinge step on a real batch and the student's (detached) images; returns the loss."""
+        """One hinge step on a real batch and the student's (detached) images; returns the loss. A non-finite loss
+        stops the run before the step could make the discriminator's weights NaN."""
         self.discriminator.train().requires_grad_(True)
         real = augment(self._real_batch(fake.shape[0], generator), self.max_shift, generator)
         fake = augment(fake.detach(), self.max_shift, generator)
         loss = discriminator_hinge_loss(self.discriminator(real), self.discriminator(fake))
-        if not torch.isfinite(loss):
-            return float(loss.item())
+        require_finite(loss, "the discriminator's loss", "stopped before its step; lower --disc_lr (or --adv_weight) "
+                       "and --resume from the last good checkpoint, or start again")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

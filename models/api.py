@@ -15,6 +15,7 @@ import torch
 
 from .attribution import Steering
 from .features import check_feature_pairing, load_reference_features
+from .guards import require_finite
 from .hooks import Hook
 from .image_encoder import load_image_encoder
 from .io import PipelineError, pick_device
@@ -78,6 +79,8 @@ class DirectDecoderPipeline:
                  noise: Optional[torch.Tensor] = None) -> Generation:
         z = self.noise(n, seed) if noise is None else noise.to(self.device)
         images, _, feats = self.student.decoder.generate(z, hook)
+        require_finite(images, "the student's output", "its weights are finite (checked at load), so this noise or "
+                       "hook made it overflow")
         result = Generation(z, images.float().clamp(-1, 1), feats)
         if self.steering is not None:
             result.top_k_scores, result.top_k_indices, result.top_k_labels = self.steering.attribute(feats, top_k)

@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 
 from .diffusion import MNISTDiffusion, TeacherConfig
+from .guards import require_finite_weights
 from .io import PipelineError, load_checkpoint, sha256_file
 
 TEACHER_FIX = "pass an MNISTDiffusion checkpoint (train one with `python train_ddpm.py`, or use checkpoints/teacher_mnist5k.pt)"
+BROKEN_WEIGHTS_FIX = ("the run that saved it diverged or the file was damaged, and a rerun cannot help: use an "
+                      "earlier checkpoint of that run, or retrain")
 EMA_PREFIX = "module."
 
 
@@ -29,6 +32,12 @@ def inference_weights(ckpt: dict, prefer_ema: bool = True) -> tuple[dict, str]:
     if prefer_ema and isinstance(ckpt.get("model_ema"), dict):
         return strip_ema(ckpt["model_ema"]), "ema"
     return ckpt["model"], "model"
+
+
+def require_finite_checkpoint(state: dict, path, what: str, weights: str = "model") -> None:
+    """Refuses, before any work, a checkpoint whose weights (``weights``: "ema" or the raw "model") hold NaN/Inf."""
+    require_finite_weights(state, f"{what} {path} ({'EMA' if weights == 'ema' else 'raw'} weights)",
+                           BROKEN_WEIGHTS_FIX)
 
 
 def load_strict(module: torch.nn.Module, state: dict, path, what: str) -> None:
@@ -90,6 +99,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu", prefer_em
         raise PipelineError(f"{path} is not a teacher checkpoint: expected keys 'model'/'model_ema', "
                             f"found {sorted(k for k in ckpt if not k.startswith('_'))[:6]}")
     state, weights = inference_weights(ckpt, prefer_ema)
+    require_finite_checkpoint(state, path, "teacher checkpoint", weights)
     config = TeacherConfig(**ckpt["model_args"]) if "model_args" in ckpt else infer_teacher_config(state)
     if "model_args" in ckpt:
         config.dim_mults = list(config.dim_mults)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import require_finite_checkpoint
 from .data import load_dataset, split_indices
 from .io import DEFAULT_CLASSIFIER, PipelineError, atomic_save, load_checkpoint, pick_device, software_versions
 
@@ -130,6 +131,7 @@ def load_classifier(path: str = DEFAULT_PATH, device="cpu") -> MnistClassifier:
     if ckpt.get("kind") != "classifier":
         raise PipelineError(f"{path} is a {ckpt.get('kind', 'untyped')!r} checkpoint, not a classifier; "
                             f"pass the file written by `python train_classifier.py`")
+    require_finite_checkpoint(ckpt.get("model", {}), path, "classifier checkpoint")
     model = MnistClassifier(**ckpt.get("model_args", {}))
     try:
         model.load_state_dict(ckpt["model"], strict=True)

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import SOURCES, load_dataset
+from .guards import holds_output_locks, require_finite, require_finite_rows, verified
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, check_output_file, load_checkpoint, pick_device,
-                 sha256_file, software_versions)
+                 prepare_output_dir, sha256_file, software_versions)
 from .noise import per_sample_noise
 from .image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
 from .samplers import ddim_invert, inversion_timesteps
@@ -37,6 +38,10 @@ from .pairs import load_training_pairs
 DEFAULT_INVERSION_STEPS = 10
 METHODS = ("auto", "image_encoder", "ddim_inversion")
 FEATURES_FIX = "create them with `python extract_reference_features.py --ddpm_ckpt T --decoder_ckpt S`"
+# The student's weights passed the finite check at load, so non-finite features come from these images' pass.
+NONFINITE_FEATURES_CAUSE = ("the student's weights are finite, so the extraction overflowed on these images (likely: "
+                            "--fp16, or a student whose weights are finite but huge); nothing written, and a rerun "
+                            "with the same settings cannot help")
 
 
 @dataclass
@@ -143,7 +148,8 @@ def resolve_method(method: str, skips: str) -> str:
     return method
 
 
-def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> dict:
+@holds_output_locks
+def extract_reference_features(opts: FeatureOptions, dry_run: bool = False, *, locks) -> dict:
     _validate(opts)
     device = pick_device(opts.cpu)
     start = time.perf_counter()
@@ -170,6 +176,8 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
     if dry_run:
         print(json.dumps(resolved, indent=2))
         return resolved
+    prepare_output_dir(out_path.parent)
+    locks.hold(out_path)
     print(f"teacher + student loaded to {device} in {load_s:.2f}s; {n} {source}/{opts.split} images")
     job = ShardedJob(out_path.with_name(out_path.name + ".shards"), identity, n,
                      opts.shard_size or 10 * opts.batch_size)
@@ -194,6 +202,8 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
             x = data.images[b:min(b + opts.batch_size, hi)].to(device)
             h, recon, z = extractor(x)
             parts["features"].append((h.half() if opts.fp16 else h.float()).cpu())
+            require_finite_rows(parts["features"][-1], range(b, b + x.shape[0]), "the bottleneck features",
+                                NONFINITE_FEATURES_CAUSE)
             if z is not None:
                 parts["latents"].append(z.float().cpu())
             parts["psnr"].append(psnr(recon.float().clamp(-1, 1), x).cpu())
@@ -221,10 +231,8 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False) -> d
         result["latents"] = assembled["latents"]
     if method == "image_encoder":
         result["image_encoder"] = encoder_record(extractor.encoder, encoder_opts)
-    atomic_save(result, out_path)
-    check = load_checkpoint(out_path, "cpu", what="reference features")
-    if not torch.equal(check["features"], result["features"]):
-        raise PipelineError(f"{out_path} did not verify after writing; shards kept, rerun to retry")
+    atomic_save(result, out_path, before_rename=verified(result, ["features", "labels", "indices"] + (
+        ["latents"] if "latents" in result else []), kept=f"shards kept in {job.dir}"))
     job.cleanup()
     wall = time.perf_counter() - start
     print(f"extract_reference_features: {n} features {tuple(result['features'].shape[1:])} by {method} -> "
@@ -272,6 +280,7 @@ def load_reference_features(path: str | Path, device="cpu") -> dict:
     ref = load_checkpoint(path, device, what="reference features", fix=FEATURES_FIX)
     if ref.get("kind") != "reference_features":
         raise PipelineError(f"{path} is not a reference_features.pt written by extract_reference_features.py")
+    require_finite(ref.get("features"), f"reference features {path}", f"re-extract them; {FEATURES_FIX}")
     return ref
 
 

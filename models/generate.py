@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_teacher
+from .guards import holds_output_locks, require_finite_rows, verified
 from .io import (DEFAULT_TEACHER, PipelineError, atomic_save, load_checkpoint, pick_device, prepare_output_dir,
                  software_versions)
 from .noise import per_sample_noise
@@ -23,6 +24,10 @@ from .shards import ShardedJob
 from .sampling import DEFAULT_DDIM_STEPS, SAMPLERS, SamplerConfig, configure_precision
 
 DATA_FILE = "training_data.pt"
+# The teacher's weights passed the finite check at load, so non-finite images come from the sampling itself.
+NONFINITE_IMAGES_CAUSE = ("the teacher's weights are finite, so its sampling overflowed (likely: weights finite but "
+                          "huge, --no_clip, --precision bf16, or very few --steps); no pairs file written, and a "
+                          "rerun with the same settings cannot help: change them or the checkpoint")
 
 
 @dataclass
@@ -73,7 +78,8 @@ def _sampler_config(opts: GenerateOptions, alphas_cumprod: torch.Tensor) -> Samp
     return sampler
 
 
-def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict:
+@holds_output_locks
+def generate_training_data(opts: GenerateOptions, dry_run: bool = False, *, locks) -> dict:
     _validate(opts)
     device = pick_device(opts.cpu)
     configure_precision(device, opts.precision)
@@ -94,6 +100,7 @@ def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict
         print(json.dumps(resolved, indent=2))
         return resolved
     out = prepare_output_dir(out)
+    locks.hold(out)
     final = out / DATA_FILE
     if final.exists():
         previous = load_checkpoint(final, "cpu", what="existing training data").get("metadata", {})
@@ -123,6 +130,7 @@ def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict
             noise = per_sample_noise(opts.seed, idx, device=device)
             x_T = noise.contiguous(memory_format=torch.channels_last) if opts.channels_last else noise
             images = sampler.sample(net, x_T, opts.seed, idx, precision=opts.precision, eps_fn=eps_fn)
+            require_finite_rows(images, idx, "the teacher's images", NONFINITE_IMAGES_CAUSE)
             noise_parts.append(noise.cpu())
             image_parts.append(images.contiguous().cpu())
             bar.update(len(idx))
@@ -141,10 +149,7 @@ def generate_training_data(opts: GenerateOptions, dry_run: bool = False) -> dict
                 "pairs_generated_this_run": n_todo, "identity": identity}
     data = job.assemble(["noise", "images"]) | {"n_samples": opts.n_samples, "metadata": metadata,
                                                   "kind": "training_pairs"}
-    atomic_save(data, final)
-    check = load_checkpoint(final, "cpu", what="assembled training data")
-    if not (torch.equal(check["images"], data["images"]) and torch.equal(check["noise"], data["noise"])):
-        raise PipelineError(f"{final} did not verify after writing; shards kept in {job.dir}, rerun to retry")
+    atomic_save(data, final, before_rename=verified(data, ["noise", "images"], kept=f"shards kept in {job.dir}"))
     job.cleanup()
     wall = time.perf_counter() - start
     rate = n_todo / gen_s if gen_s > 0 else float("nan")

@@ -53,11 +53,20 @@ def run_cli(main: Callable[[], Any], resumable: bool = True) -> None:
     try:
         main()
     except PipelineError as err:
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted: rerun the same command to resume" if resumable else "interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars() -> None:
+    """A bar the failure left open would be redrawn after the error line, splitting it; closed first."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def pick_device(force_cpu: bool = False) -> torch.device:
@@ -125,9 +134,30 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so a failed write (a full disk) surfaces as its OSError; torch's own file
+    writer reports only "iostream error"."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            cause = err.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from err
+
+
+def atomic_save(obj: Any, path: str | os.PathLike,
+                before_rename: Callable[[Path, Path], None] | None = None) -> None:
+    """torch.save through ``atomic_path``. ``before_rename(temp, final)`` sees the written temp file before it takes
+    the final name: it verifies it (``guards.verified``: when it raises, nothing takes the final name) or records
+    its checksum (shards)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        _torch_save(obj, tmp)
+        if before_rename is not None:
+            before_rename(tmp, Path(path))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
@@ -140,10 +170,13 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def append_jsonl(record: dict, path: str | os.PathLike) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise PipelineError(f"could not write {path}: {err.strerror or err}") from err
 
 
 def truncate_jsonl(path: str | os.PathLike, key: str, last) -> None:
@@ -152,7 +185,14 @@ def truncate_jsonl(path: str | os.PathLike, key: str, last) -> None:
     if not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get(key, last) <= last]
+    kept = []
+    for line in rows:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # cut short by a kill or a full disk (only ever the last line)
+        if record.get(key, last) <= last:
+            kept.append(line)
     if len(kept) != len(rows):
         atomic_write_text("".join(line + "\n" for line in kept), path)
 

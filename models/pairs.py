@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import split_indices
+from .guards import require_finite_rows
 from .io import PipelineError, load_checkpoint
 
 
@@ -13,6 +14,9 @@ def load_training_pairs(path: str | Path, device="cpu") -> dict:
                            fix="create it with `python generate_training_data.py --ckpt TEACHER --output_dir DIR`")
     if data.get("kind") != "training_pairs" or "noise" not in data or "images" not in data:
         raise PipelineError(f"{path} is not a training_data.pt written by generate_training_data.py")
+    for key in ("noise", "images"):
+        require_finite_rows(data[key], range(data[key].shape[0]), f"training data {path}: {key}",
+                            "regenerate it with generate_training_data.py from a teacher with finite weights")
     return data
 
 

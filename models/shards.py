@@ -1,8 +1,10 @@
 """Resumable work over N items in fixed ranges ("shards"), each written atomically.
 
 A run's identity (whatever determines the result) is fingerprinted into progress.json; a rerun with the same
-identity skips finished shards, one with another identity is refused rather than silently mixed. Shards are
-removed only after the caller has written and verified the assembled result.
+identity skips finished shards, one with another identity is refused rather than silently mixed. Each shard's
+sha256 is recorded there before the shard takes its name, and checked when a rerun starts: a shard changed on disk
+since (or left by an older version, without a checksum) is regenerated, never trusted. Shards are removed only after the
+caller has written and verified the assembled result.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .io import PipelineError, atomic_save, atomic_write_json, load_checkpoint
+from .io import PipelineError, atomic_save, atomic_write_json, load_checkpoint, sha256_file
 
 
 class ShardedJob:
@@ -22,18 +24,38 @@ class ShardedJob:
         self.dir = Path(shard_dir)
         self.n = n_items
         fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        progress = self.dir / "progress.json"
-        if progress.exists():
-            state = json.loads(progress.read_text())
-            if state["fingerprint"] != fingerprint:
+        self.progress = self.dir / "progress.json"
+        if self.progress.exists() and not any(self.dir.glob("shard_*.pt")):
+            self.progress.unlink()  # a run stopped before its first shard: nothing to mix up, start afresh
+        if self.progress.exists():
+            self.state = json.loads(self.progress.read_text())
+            if self.state["fingerprint"] != fingerprint:
                 raise PipelineError(f"{self.dir} holds an unfinished run with other settings "
-                                    f"({state['identity']}); rerun that command, or delete {self.dir}")
-            shard_size = state["shard_size"]
+                                    f"({self.state['identity']}); rerun that command, or delete {self.dir}")
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json({"fingerprint": fingerprint, "identity": identity, "shard_size": shard_size}, progress)
-        self.shard_size = shard_size
-        self.ranges = [(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
+            self.state = {"fingerprint": fingerprint, "identity": identity, "shard_size": shard_size}
+            atomic_write_json(self.state, self.progress)
+        self.state.setdefault("sha256", {})
+        self.shard_size = self.state["shard_size"]
+        self.ranges = [(s, min(s + self.shard_size, n_items)) for s in range(0, n_items, self.shard_size)]
+        self._drop_untrusted()
+
+    def _drop_untrusted(self) -> None:
+        """Deletes the shards whose bytes are not the ones recorded when they were saved, and temp files of a
+        killed save; both are then regenerated like missing shards."""
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for r in self.ranges:
+            path = self._path(r)
+            if not path.exists():
+                continue
+            recorded, found = self.state["sha256"].get(path.name), sha256_file(path)
+            if found != recorded:
+                why = (f"sha256 {found[:12]} instead of the recorded {recorded[:12]}" if recorded
+                       else "no checksum recorded")
+                print(f"{path.name}: {why}; regenerating it")
+                path.unlink()
 
     def _path(self, r: tuple[int, int]) -> Path:
         return self.dir / f"shard_{r[0]:09d}_{r[1]:09d}.pt"
@@ -46,7 +68,12 @@ class ShardedJob:
         return self.n - sum(b - a for a, b in self.pending())
 
     def save(self, r: tuple[int, int], tensors: dict[str, torch.Tensor]) -> None:
-        atomic_save({"start": r[0], "end": r[1], **tensors}, self._path(r))
+        atomic_save({"start": r[0], "end": r[1], **tensors}, self._path(r), before_rename=self._record_checksum)
+
+    def _record_checksum(self, tmp: Path, final: Path) -> None:
+        """Before the shard takes its name, so every shard under its name has its checksum recorded."""
+        self.state["sha256"][final.name] = sha256_file(tmp)
+        atomic_write_json(self.state, self.progress)
 
     def iter_shards(self) -> Iterator[dict]:
         for r in self.ranges:

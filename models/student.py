@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import LoadedTeacher, inference_weights, load_strict, load_teacher
+from .checkpoint import LoadedTeacher, inference_weights, load_strict, load_teacher, require_finite_checkpoint
 from .diffusion import TeacherConfig
 from .io import PipelineError, load_checkpoint, sha256_file
 from .unet import BottleneckHook, Unet, stage_channels
@@ -107,7 +107,9 @@ def load_student(path: str | Path, device="cpu", use_ema: bool = True) -> Loaded
     args = ckpt["model_args"]
     # checkpoints from before the skips option kept the teacher's skip connections
     decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"], args.get("skips", "keep"))
-    load_strict(decoder, inference_weights(ckpt, use_ema)[0], path, "its recorded architecture")
+    state, weights = inference_weights(ckpt, use_ema)
+    require_finite_checkpoint(state, path, "direct-decoder checkpoint", weights)
+    load_strict(decoder, state, path, "its recorded architecture")
     decoder.to(device).eval().requires_grad_(False)
     return LoadedStudent(decoder, str(path), sha256_file(path), ckpt["teacher"]["sha256"], ckpt)
 

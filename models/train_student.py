@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state
+from .checkpoint import checkpoint_to_resume, load_teacher, require_finite_checkpoint, restore_training_state
+from .guards import holds_output_locks, require_finite_values
 from .io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER, PipelineError, append_jsonl, atomic_save,
                  atomic_write_json, load_checkpoint, pick_device, prepare_output_dir, save_image_grid, sha256_file,
                  software_versions, truncate_jsonl)
@@ -120,6 +121,7 @@ def _load_init(opts: StudentTrainOptions, teacher, device):
     """The student to continue: from the same teacher, or, when asked, from another teacher of the same architecture
     (e.g. an earlier checkpoint of this one), a warm start that costs a fraction of distilling from the teacher."""
     init = load_student(opts.init_from, device)
+    require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")  # continued as well as the EMA
     if init.teacher_sha256 == teacher.sha256:
         return init
     if not opts.init_from_other_teacher:
@@ -195,7 +197,8 @@ def _real_images_for_discriminator(opts: StudentTrainOptions, teacher_images: to
     return torch.cat(parts)
 
 
-def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool = False) -> dict:
+@holds_output_locks
+def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool = False, *, locks) -> dict:
     _validate(opts)
     device = pick_device(opts.cpu)
     configure_precision(device, opts.precision)
@@ -229,6 +232,7 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         print(json.dumps(resolved, indent=2, default=str))
         return resolved
     out = prepare_output_dir(opts.output_dir)
+    locks.hold(out)
     noise, images = data["noise"].to(device), data["images"].to(device)
     torch.manual_seed(opts.seed)
     student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips).to(device)
@@ -261,8 +265,8 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                                     "--adv_weight, or start a new --output_dir")
             adversarial.load_state_dict(ckpt["discriminator"])
         start_epoch, best_val = int(ckpt["epoch"]), float(ckpt.get("best_score", ckpt.get("best_val_loss")))
-        truncate_jsonl(out / "stats.jsonl", "epoch", start_epoch)
         print(f"resumed from {latest} (epoch {start_epoch}/{opts.epochs})")
+    truncate_jsonl(out / "stats.jsonl", "epoch", start_epoch)  # records of an epoch whose checkpoint was never written
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 
     preview = val_idx[:opts.n_preview]
@@ -292,13 +296,12 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                         if opts.adv_adaptive else 1.0
                     loss = loss + opts.adv_weight * scale * adv_loss
                     parts["adv"], parts["adv_scale"] = adv_loss.item(), float(scale)
-            bad = [k for k, v in parts.items() if not math.isfinite(v)] + ([] if torch.isfinite(loss) else ["total"])
-            if bad:
-                raise PipelineError(f"loss became non-finite ({', '.join(f'{k}={parts.get(k, loss.item())}' for k in bad)}) "
-                                    f"in epoch {epoch + 1}; stopped. The last good checkpoint is kept in {out}; lower "
-                                    "--lr (or --disc_lr / --adv_weight) and --resume, or start again")
+            stopped = (f"stopped in epoch {epoch + 1}. The last good checkpoint is kept in {out}; lower --lr (or "
+                       "--disc_lr / --adv_weight) and --resume, or start again")
+            require_finite_values(parts | {"total": loss.item()}, "loss", stopped)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), opts.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), opts.grad_clip)
+            require_finite_values({"gradient norm": grad_norm.item()}, "the student's gradient", stopped)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -311,6 +314,9 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
         bar.close()
         recalibrate_batchnorm(ema.module, noise[train_idx[:opts.bn_samples]], opts.batch_size)
         val_loss = evaluate_loss(ema.module, noise[val_idx], images[val_idx], opts.batch_size, device, opts.precision)
+        require_finite_values({"val_loss": val_loss}, "the EMA student's validation loss",
+                              f"stopped in epoch {epoch + 1}, before saving it. The last good checkpoint is kept "
+                              f"in {out}; lower --lr and --resume, or start again")
         epoch_no = epoch + 1
         fd = None if val_fd is None else val_fd(ema.module, noise[val_idx])
         record = {"epoch": epoch_no, "train_loss": running / seen, "val_loss": val_loss,
@@ -334,10 +340,11 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
             student_preview = ema.module.eval()(noise[preview]).float().clamp(-1, 1)
         save_image_grid(torch.cat([images[preview], student_preview]), out / f"samples_epoch_{epoch_no:03d}.png",
                         nrow=len(preview))
-        atomic_save(ckpt, out / f"ckpt_epoch_{epoch_no:03d}.pt")
         if improved:
             atomic_save(ckpt, out / "best_model.pt")
         plot_metric_curves(stats_path, out / "loss.png", keys=("train_loss", "val_loss"), x="epoch", log_y=True)
+        # last: --resume continues after the newest epoch checkpoint, so the epoch's other files must be written
+        atomic_save(ckpt, out / f"ckpt_epoch_{epoch_no:03d}.pt")
         print(f"epoch {epoch_no}/{opts.epochs}: train {record['train_loss']:.5f}  val {val_loss:.5f}"
               f"{'' if fd is None else f'  val FD {fd:.2f}'}"
               f"{'  (best)' if improved else ''}  {record['seconds']:.1f}s")

@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from .checkpoint import checkpoint_to_resume, load_teacher, restore_training_state, total_steps
+from .checkpoint import (checkpoint_to_resume, load_teacher, require_finite_checkpoint, restore_training_state,
+                         total_steps)
 from .data import load_dataset
 from .diffusion import MNISTDiffusion, TeacherConfig
+from .guards import holds_output_locks
 from .io import (PipelineError, append_jsonl, atomic_save, atomic_write_json, load_checkpoint, pick_device,
-                 save_image_grid, software_versions, truncate_jsonl)
+                 prepare_output_dir, save_image_grid, software_versions, truncate_jsonl)
 from .noise import per_sample_noise, step_generator
 from .plots import plot_metric_curves
 from .progress import progress_bar
@@ -98,7 +100,8 @@ def _batch_indices(seed: int, step: int, per_epoch: int, batch_size: int, n: int
     return order[within * batch_size:(within + 1) * batch_size]
 
 
-def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool = False) -> dict:
+@holds_output_locks
+def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool = False, *, locks) -> dict:
     for name in ("batch_size", "epochs", "ema_every", "save_every", "base_dim", "timesteps"):
         if getattr(opts, name) <= 0:
             raise PipelineError(f"--{name} must be positive, got {getattr(opts, name)}")
@@ -123,6 +126,7 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     init, steps_before = None, 0
     if opts.init_from:
         init = load_teacher(opts.init_from, device)  # validates the file; its architecture wins over the flags
+        require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")  # continued too
         model_args = init.config
         steps_before = total_steps(init.checkpoint)
     resolved = {"options": asdict(opts), "model_args": model_args.to_dict(), "total_steps": total,
@@ -133,7 +137,8 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     if dry_run:
         print(json.dumps(resolved, indent=2))
         return resolved
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
+    locks.hold(out)
 
     torch.manual_seed(opts.seed)
     diffusion = MNISTDiffusion(model_args).to(device)
@@ -166,8 +171,8 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
                                 f"{ckpt['config'].get('total_steps')}); use the original --steps/--epochs")
         restore_training_state(ckpt, diffusion, ema, optimizer, scheduler)
         step = int(ckpt["step"])
-        truncate_jsonl(out / "stats.jsonl", "step", step)
         print(f"resumed from {latest} at step {step}/{total}")
+    truncate_jsonl(out / "stats.jsonl", "step", step)  # records of steps whose checkpoint was never written
     atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
 
     images = data.images.to(device)

@@ -5,10 +5,14 @@ pytest's default ("prepend") import mode puts tests/ on sys.path, so test module
 """
 from __future__ import annotations
 
+import ctypes
+import fnmatch
 import hashlib
 import os
 import runpy
+import select
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -184,3 +188,48 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+_IN_CREATE = 0x100
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
+
+
+def _created_names(fd: int) -> list[str]:
+    data, names, offset = os.read(fd, 1 << 16), [], 0
+    while offset < len(data):
+        _, _, _, length = _INOTIFY_EVENT.unpack_from(data, offset)
+        offset += _INOTIFY_EVENT.size
+        names.append(data[offset:offset + length].rstrip(b"\0").decode())
+        offset += length
+    return names
+
+
+def kill_on_create(proc: subprocess.Popen, directory: Path, pattern: str, timeout: float, *, what: str,
+                   log: Path | None = None) -> int:
+    """SIGKILLs ``proc`` the moment a file matching ``pattern`` is created in ``directory`` (which must exist before
+    ``proc`` writes there) and returns its exit status.
+
+    inotify, not polling: a temp file that lives a few milliseconds (a small write, then its rename) is still
+    caught while it is being written. Fails the test when ``proc`` exits first or ``timeout`` seconds pass; ``proc``
+    is never left running."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, f"inotify_init1 failed: {os.strerror(ctypes.get_errno())}"
+    deadline = time.monotonic() + timeout
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(directory), _IN_CREATE) >= 0, os.strerror(ctypes.get_errno())
+        while True:
+            if select.select([fd], [], [], 0.05)[0] and \
+                    any(fnmatch.fnmatch(name, pattern) for name in _created_names(fd)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                tail = log.read_text()[-2000:] if log is not None else ""
+                raise AssertionError(f"run exited ({proc.returncode}) before {what}:\n{tail}")
+            assert time.monotonic() < deadline, f"{what} did not appear within {timeout:g} s"
+    finally:
+        os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+        returncode = proc.wait(timeout=60)
+    return returncode

@@ -279,7 +279,7 @@ def test_fresh_interpreter_pickled_code_is_refused(files, script, tmp_path):
 
 def _enospc_after_partial_write(obj, f, *args, **kwargs):
     """torch.save on a full disk: some bytes reach the file, then the write fails."""
-    Path(f).write_bytes(b"PK\x03\x04 partial")
+    f.write(b"PK\x03\x04 partial")
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -314,7 +314,7 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch, capsys, files, 
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
-        if Path(f).name.startswith(".reference_features.pt."):
+        if Path(f.name).name.startswith(".reference_features.pt."):
             return _enospc_after_partial_write(obj, f)
         return real_save(obj, f, *args, **kwargs)
     out = tmp_path / "reference_features.pt"

@@ -300,7 +300,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, repo_root, tiny_pip
         assert not out.exists(), "the output existed although the run was killed before its last shard"
         done = sorted(p.name for p in shards.glob("shard_*.pt"))
         assert 1 <= len(done) < 3, done
-        assert not list(tmp_path.glob(".reference_features.pt.*"))
+        assert not list(tmp_path.glob(".reference_features.pt.*.tmp"))
 
     proc = script("extract_reference_features.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -309,7 +309,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, repo_root, tiny_pip
         assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
     assert got["metadata"]["consistency"] == ref["metadata"]["consistency"]
     assert not shards.exists(), "shards were left behind after a verified result"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "killed.log") == [out.name]
+    # beside the result: only its hidden output lock
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "killed.log") == [f".{out.name}.lock", out.name]
 
 
 def test_latent_timestep_is_where_the_pairs_sampler_starts():
