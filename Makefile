@@ -39,5 +39,5 @@ continue-student: $(VENV)/.installed
 		--output_dir $(ADV_PAIRS) --cpu --channels_last
 	mkdir -p $(ADV_RUN) && cp -n resume/student_adv/ckpt_epoch_*.pt $(ADV_RUN)/
 	$(PY) train_direct_decoder.py --data_path $(ADV_PAIRS)/training_data.pt --init_from checkpoints/student_mnist5k.pt \
-		--output_dir $(ADV_RUN) --epochs 30 --batch_size 64 --lr 1e-4 --adv_weight 0.5 --adv_real both \
-		--class_weight 0.05 --perceptual_weight 0.05 --cpu --resume
+		--output_dir $(ADV_RUN) --epochs 30 --batch_size 64 --lr 1e-4 --adv_weight 2.0 --adv_real dataset \
+		--class_weight 0.05 --cpu --resume
