@@ -87,7 +87,7 @@ class JobManager:
         with open(self.job_dir(job_id) / "log.txt", "ab") as log:
             try:
                 proc = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, process_group=0)
             except OSError as err:
                 self.store.update(job_id, status="failed", finished=time.time(), error=f"could not start: {err}")
                 return
@@ -228,7 +228,7 @@ def _last_line(path: Path) -> Optional[str]:
 
 def _signal_group(pid: int, sig: int) -> None:
     try:
-        os.killpg(pid, sig)  # started with start_new_session: its process group id is its pid
+        os.killpg(pid, sig)  # started with process_group=0: its process group id is its pid
     except ProcessLookupError:
         pass
 
