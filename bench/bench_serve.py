@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from statistics import median
 
-REPO = Path(__file__).resolve().parents[1]
-
 import numpy as np
 import torch
 
 from models.api import DirectDecoderPipeline
 from models.cli import ArgumentParser, add_cpu_flag
 from models.io import DEFAULT_STUDENT, DEFAULT_TEACHER, PipelineError, append_run_record, require_file, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def start(args, port: int, log: Path):
