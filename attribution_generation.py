@@ -1,9 +1,9 @@
 """Generate with include / exclude / class hooks in the direct decoder's bottleneck, and attribute each
 generation to the training images whose reference features it most resembles."""
 
-from models.attribution import AttributionOptions, attribution_generation
-from models.cli import ArgumentParser, add_common, options_from_args
-from models.io import run_cli
+from models.io.cli import ArgumentParser, add_common, options_from_args
+from models.io.errors import run_cli
+from models.stages.attribution import AttributionOptions, attribution_generation
 
 
 def build_parser() -> ArgumentParser:

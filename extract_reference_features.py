@@ -1,9 +1,9 @@
 """Bottleneck features of every training image, in the space the direct decoder's hooks act on."""
 
-from models.cli import ArgumentParser, add_common, options_from_args
-from models.data import SOURCES
-from models.features import FeatureOptions, extract_reference_features
-from models.io import run_cli
+from models.data.datasets import SOURCES
+from models.io.cli import ArgumentParser, add_common, options_from_args
+from models.io.errors import run_cli
+from models.stages.features import FeatureOptions, extract_reference_features
 
 
 def build_parser() -> ArgumentParser:

@@ -1,10 +1,10 @@
 """Generate (noise, image) training pairs for the direct decoder from a teacher DDPM's deterministic sampler."""
 
-from models.cli import ArgumentParser, add_common, options_from_args
-from models.generate import GenerateOptions, generate_training_data
-from models.io import run_cli
-from models.samplers import DPMPP_SPACING_HELP, DPMPP_SPACINGS, SPACINGS
-from models.sampling import SAMPLERS, SPACING_HELP
+from models.diffusion.samplers import DPMPP_SPACING_HELP, DPMPP_SPACINGS, SPACINGS
+from models.diffusion.sampling import SAMPLERS, SPACING_HELP
+from models.io.cli import ArgumentParser, add_common, options_from_args
+from models.io.errors import run_cli
+from models.stages.generate import GenerateOptions, generate_training_data
 
 
 def build_parser() -> ArgumentParser:

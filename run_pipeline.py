@@ -1,8 +1,9 @@
 """Run the whole pipeline (generate -> train -> extract -> attribute) and write a report: the main job."""
 
-from models.cli import ArgumentParser
-from models.io import DEFAULT_CLASSIFIER, DEFAULT_TEACHER, run_cli
-from models.pipeline import PRESETS, run_pipeline
+from models.io.cli import ArgumentParser
+from models.io.errors import run_cli
+from models.io.paths import DEFAULT_CLASSIFIER, DEFAULT_TEACHER
+from models.stages.pipeline import PRESETS, run_pipeline
 
 
 def build_parser() -> ArgumentParser:

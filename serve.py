@@ -1,8 +1,8 @@
 """Serve the steering page and an HTTP API: generate with hooks and attributions, and run the stages as jobs whose
 progress streams as server-sent events. Binds 127.0.0.1 by default (no authentication: keep it local)."""
 
-from models.cli import ArgumentParser, add_common, options_from_args
-from models.io import run_cli
+from models.io.cli import ArgumentParser, add_common, options_from_args
+from models.io.errors import run_cli
 from models.server.serving import ServeOptions, serve
 
 

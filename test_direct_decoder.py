@@ -1,8 +1,9 @@
 """Show the direct decoder's output and the effect of each bottleneck hook type on the same noise."""
 
-from models.cli import ArgumentParser, add_common
-from models.gallery import hook_gallery
-from models.io import DEFAULT_CLASSIFIER, DEFAULT_TEACHER, run_cli
+from models.io.cli import ArgumentParser, add_common
+from models.io.errors import run_cli
+from models.io.paths import DEFAULT_CLASSIFIER, DEFAULT_TEACHER
+from models.stages.gallery import hook_gallery
 
 
 def main():

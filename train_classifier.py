@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from models.classifier import DEFAULT_PATH, train_classifier
-from models.cli import ArgumentParser, add_common
-from models.io import pick_device, run_cli
-from models.manifest import write_checkpoint_record
+from models.io.cli import ArgumentParser, add_common
+from models.io.device import pick_device
+from models.io.errors import run_cli
+from models.io.manifest import write_checkpoint_record
+from models.nets.classifier import DEFAULT_PATH, train_classifier
 
 
 def launch_command() -> str:

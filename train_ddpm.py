@@ -1,8 +1,8 @@
 """Train a teacher DDPM in the MNISTDiffusion format (upstream recipe), resumable bit-exactly."""
 
-from models.cli import ArgumentParser, add_common, options_from_args
-from models.io import run_cli
-from models.train_teacher import TeacherTrainOptions, train_teacher
+from models.io.cli import ArgumentParser, add_common, options_from_args
+from models.io.errors import run_cli
+from models.training.teacher import TeacherTrainOptions, train_teacher
 
 
 def main():

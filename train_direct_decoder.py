@@ -1,8 +1,8 @@
 """Train the one-step direct decoder (noise -> teacher image), warm-started from the teacher DDPM."""
 
-from models.cli import ArgumentParser, add_common, options_from_args
-from models.io import run_cli
-from models.train_student import StudentTrainOptions, evaluate_only, train_student
+from models.io.cli import ArgumentParser, add_common, options_from_args
+from models.io.errors import run_cli
+from models.training.student import StudentTrainOptions, evaluate_only, train_student
 
 
 def build_parser() -> ArgumentParser:

@@ -7,9 +7,9 @@ the manifest said about an earlier file of that name:
 """
 from pathlib import Path
 
-from models.cli import ArgumentParser
-from models.io import run_cli
-from models.manifest import MANIFEST, RECORD, add_entry, verify
+from models.io.cli import ArgumentParser
+from models.io.errors import run_cli
+from models.io.manifest import MANIFEST, RECORD, add_entry, verify
 
 
 def main():

@@ -7,9 +7,11 @@ Floating-point tensors are averaged elementwise; integer ones (BatchNorm batch c
 taken from the last checkpoint, as are its config and step. Optimizer and scheduler state are dropped: an average
 is a point no optimizer visited, so the result can start a new leg (train_ddpm.py --init_from) but not --resume.
 """
-from models.checkpoint import LoadedTeacher, load_teacher, total_steps
-from models.cli import ArgumentParser
-from models.io import PipelineError, atomic_save, run_cli, software_versions
+from models.io.cli import ArgumentParser
+from models.io.errors import PipelineError, run_cli
+from models.io.files import atomic_save
+from models.io.records import software_versions
+from models.io.teacher_checkpoints import LoadedTeacher, load_teacher, total_steps
 
 
 WEIGHT_SETS = ("model", "model_ema")

@@ -13,10 +13,11 @@ import json
 
 import torch
 
-from models.bench_common import load_pipeline, pipeline_parser
-from models.attribution import top_k_similar
-from models.data import load_dataset
-from models.io import append_run_record, run_cli
+from models.data.datasets import load_dataset
+from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.io.errors import run_cli
+from models.io.records import append_run_record
+from models.steering.search import top_k_similar
 
 
 def nearest_by_l2(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,14 @@ import json
 
 import torch
 
-from models.classifier import load_classifier
-from models.cli import ArgumentParser, add_cpu_flag
-from models.io import DEFAULT_CLASSIFIER, append_run_record, pick_device, run_cli
-from models.noise import per_sample_noise
-from models.student import load_student
+from models.diffusion.noise import per_sample_noise
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.device import pick_device
+from models.io.errors import run_cli
+from models.io.paths import DEFAULT_CLASSIFIER
+from models.io.records import append_run_record
+from models.nets.classifier import load_classifier
+from models.nets.student import load_student
 
 
 @torch.inference_mode()

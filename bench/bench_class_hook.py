@@ -11,8 +11,9 @@ import json
 import torch
 import torch.nn.functional as F
 
-from models.bench_common import load_pipeline, pipeline_parser
-from models.io import append_run_record, run_cli
+from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.io.errors import run_cli
+from models.io.records import append_run_record
 
 
 def nearest_member_hook(members: torch.Tensor, strength: float):

@@ -11,13 +11,16 @@ import json
 import time
 from pathlib import Path
 
-from models.checkpoint import load_teacher
-from models.classifier import load_classifier
-from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images
-from models.io import DEFAULT_CLASSIFIER, PipelineError, append_run_record, pick_device, run_cli, run_context
-from models.metrics import classifier_outputs, image_quality_report
-from models.cli import ArgumentParser, add_cpu_flag
-from models.sampling import SamplerConfig
+from models.diffusion.sampling import SamplerConfig
+from models.evaluation.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images
+from models.evaluation.metrics import classifier_outputs, image_quality_report
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.device import pick_device
+from models.io.errors import PipelineError, run_cli
+from models.io.paths import DEFAULT_CLASSIFIER
+from models.io.records import append_run_record, run_context
+from models.io.teacher_checkpoints import load_teacher
+from models.nets.classifier import load_classifier
 
 
 def parse_config(text: str) -> SamplerConfig:

@@ -13,11 +13,15 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from models.cli import ArgumentParser, add_cpu_flag
-from models.evaluate import evaluate_student_checkpoint
-from models.generate import GenerateOptions, generate_training_data
-from models.io import DEFAULT_TEACHER, append_run_record, atomic_save, load_checkpoint, run_cli
-from models.train_student import StudentTrainOptions, train_student
+from models.evaluation.evaluate import evaluate_student_checkpoint
+from models.io.checkpoints import load_checkpoint
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.errors import run_cli
+from models.io.files import atomic_save
+from models.io.paths import DEFAULT_TEACHER
+from models.io.records import append_run_record
+from models.stages.generate import GenerateOptions, generate_training_data
+from models.training.student import StudentTrainOptions, train_student
 
 
 def parse_config(text: str, perceptual_weight: float) -> dict:

@@ -11,14 +11,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import load_teacher
-from models.cli import ArgumentParser, add_cpu_flag
-from models.features import FeatureOptions, extract_reference_features, latent_timestep
-from models.io import append_run_record, pick_device, run_cli
-from models.noise import per_sample_noise
-from models.samplers import ddim_invert, inversion_timesteps
-from models.sampling import teacher_sample
-from models.student import load_student
+from models.diffusion.noise import per_sample_noise
+from models.diffusion.samplers import ddim_invert, inversion_timesteps
+from models.diffusion.sampling import teacher_sample
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.device import pick_device
+from models.io.errors import run_cli
+from models.io.records import append_run_record
+from models.io.teacher_checkpoints import load_teacher
+from models.nets.student import load_student
+from models.stages.features import FeatureOptions, extract_reference_features, latent_timestep
 
 
 @torch.inference_mode()

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_teacher
-from models.generate import GenerateOptions, generate_training_data
-from models.io import append_run_record, load_checkpoint, pick_device, run_cli
-from models.samplers import ddpm_reverse_step
-from models.sampling import DEFAULT_DDIM_STEPS
-from models.cli import ArgumentParser, add_cpu_flag
+from models.diffusion.samplers import ddpm_reverse_step
+from models.diffusion.sampling import DEFAULT_DDIM_STEPS
+from models.io.checkpoints import load_checkpoint
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.device import pick_device
+from models.io.errors import run_cli
+from models.io.records import append_run_record
+from models.io.teacher_checkpoints import load_teacher
+from models.stages.generate import GenerateOptions, generate_training_data
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,11 @@ import numpy as np
 import torch
 
 from models.api import DirectDecoderPipeline
-from models.cli import ArgumentParser, add_cpu_flag
-from models.io import DEFAULT_STUDENT, DEFAULT_TEACHER, PipelineError, append_run_record, require_file, run_cli
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.errors import PipelineError, run_cli
+from models.io.files import require_file
+from models.io.paths import DEFAULT_STUDENT, DEFAULT_TEACHER
+from models.io.records import append_run_record
 
 REPO = Path(__file__).resolve().parents[1]
 

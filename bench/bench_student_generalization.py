@@ -13,14 +13,17 @@ import time
 import torch
 from tqdm import tqdm
 
-from models.classifier import load_classifier
-from models.cli import ArgumentParser, add_cpu_flag
-from models.evaluate import CONFIDENT
-from models.io import DEFAULT_CLASSIFIER, PipelineError, append_run_record, pick_device, run_cli
-from models.noise import per_sample_noise
-from models.sampling import SamplerConfig
-from models.student import load_teacher_and_student
-from models.pairs import student_split
+from models.data.pairs import student_split
+from models.diffusion.noise import per_sample_noise
+from models.diffusion.sampling import SamplerConfig
+from models.evaluation.evaluate import CONFIDENT
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.device import pick_device
+from models.io.errors import PipelineError, run_cli
+from models.io.paths import DEFAULT_CLASSIFIER
+from models.io.records import append_run_record
+from models.nets.classifier import load_classifier
+from models.nets.student import load_teacher_and_student
 
 
 def agreement_on(indices, seed, sampler, teacher, student, classifier, device, desc, batch_size=250) -> dict:

@@ -11,10 +11,12 @@ file's seed is new to all of them), so the rows of one run compare directly.
 import tempfile
 from pathlib import Path
 
-from models.cli import ArgumentParser, add_cpu_flag
-from models.evaluate import evaluate_student_checkpoint
-from models.io import DEFAULT_CLASSIFIER, append_run_record, run_cli
-from models.sampling import DEFAULT_DDIM_STEPS
+from models.diffusion.sampling import DEFAULT_DDIM_STEPS
+from models.evaluation.evaluate import evaluate_student_checkpoint
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.errors import run_cli
+from models.io.paths import DEFAULT_CLASSIFIER
+from models.io.records import append_run_record
 
 
 def summary_row(report: dict) -> dict:

@@ -6,14 +6,18 @@ and k-NN precision/recall in its feature space against shuffled real images, and
 import time
 from pathlib import Path
 
-from models.checkpoint import load_teacher
-from models.classifier import load_classifier
-from models.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images
-from models.io import (AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, atomic_write_json, pick_device, run_cli, run_context,
-                       save_image_grid)
-from models.metrics import image_quality_report
-from models.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING
-from models.cli import ArgumentParser, add_cpu_flag
+from models.diffusion.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING
+from models.evaluation.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images
+from models.evaluation.metrics import image_quality_report
+from models.io.cli import ArgumentParser, add_cpu_flag
+from models.io.device import pick_device
+from models.io.errors import run_cli
+from models.io.files import atomic_write_json
+from models.io.images import save_image_grid
+from models.io.paths import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER
+from models.io.records import run_context
+from models.io.teacher_checkpoints import load_teacher
+from models.nets.classifier import load_classifier
 
 
 def main():

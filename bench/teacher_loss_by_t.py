@@ -12,11 +12,12 @@ cosine between the rows of neighbouring timesteps, and the mean row norm; random
 """
 import torch
 
-from models.checkpoint import load_teacher
-from models.cli import ArgumentParser
-from models.data import load_dataset
-from models.io import append_run_record, run_cli
-from models.unet import batchnorm_layers, recalibrate_batchnorm
+from models.data.datasets import load_dataset
+from models.io.cli import ArgumentParser
+from models.io.errors import run_cli
+from models.io.records import append_run_record
+from models.io.teacher_checkpoints import load_teacher
+from models.nets.unet import batchnorm_layers, recalibrate_batchnorm
 
 
 BANDS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 850), (850, 950), (950, 1000)]

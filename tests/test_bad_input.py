@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.features
+import models.stages.features
 from helpers import load_pt, one_error_line, run_main_in_process, use_cached_mnist5k
-from models.features import FeatureOptions, extract_reference_features
-from models.io import PipelineError, atomic_save, atomic_write_json, run_cli
+from models.io.errors import PipelineError, run_cli
+from models.io.files import atomic_save, atomic_write_json
+from models.stages.features import FeatureOptions, extract_reference_features
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER_NAME = "pickle_payload_ran"
@@ -77,15 +78,15 @@ def cli(monkeypatch, capsys, mnist5k, files):
 
     The valid tiny checkpoints and mnist5k are loaded once and reused (loading a checkpoint with weights_only costs
     seconds on a busy CPU); every bad file still goes through the real loaders and checks."""
-    import models.attribution
-    import models.generate
-    import models.train_student
+    import models.stages.attribution
+    import models.stages.generate
+    import models.training.student
     good = {str(files[k]) for k in ("teacher", "student", "features", "pairs", "upstream")}
-    for module in (models.features, models.attribution, models.generate, models.train_student):
+    for module in (models.stages.features, models.stages.attribution, models.stages.generate, models.training.student):
         for name in ("load_teacher", "load_student", "load_reference_features", "load_training_pairs"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, _memoised(getattr(module, name), good))
-    use_cached_mnist5k(monkeypatch, models.features, mnist5k)
+    use_cached_mnist5k(monkeypatch, models.stages.features, mnist5k)
     return lambda script, *args: run_main_in_process(REPO / script, args, monkeypatch, capsys)
 
 
@@ -310,7 +311,7 @@ def test_full_disk_during_json_write(tmp_path, monkeypatch):
 def test_full_disk_while_writing_features(tmp_path, monkeypatch, capsys, files, mnist5k):
     """The final write fails: exit 1 with one line, no reference_features.pt, the finished shards kept; a rerun
     (disk freed) completes from them."""
-    monkeypatch.setattr(models.features, "load_dataset", lambda *a, **k: mnist5k)
+    monkeypatch.setattr(models.stages.features, "load_dataset", lambda *a, **k: mnist5k)
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):

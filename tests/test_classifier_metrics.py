@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.classifier import DEFAULT_PATH, MnistClassifier, load_classifier
-from models.data import load_dataset, split_indices
-from models.io import AUDIT_CLASSIFIER, MissingInputError, PipelineError
-from models.metrics import (class_histogram, classifier_outputs, frechet_distance, image_quality_report,
-                            knn_precision_recall, mean_class_probability)
+from models.data.datasets import load_dataset, split_indices
+from models.evaluation.metrics import (class_histogram, classifier_outputs, frechet_distance, image_quality_report,
+                                       knn_precision_recall, mean_class_probability)
+from models.io.errors import MissingInputError, PipelineError
+from models.io.paths import AUDIT_CLASSIFIER
+from models.nets.classifier import DEFAULT_PATH, MnistClassifier, load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import models.data as data_mod
-from models.data import load_dataset, split_indices, to_model_range
-from models.io import MissingInputError, PipelineError
+import models.data.datasets as data_mod
+from models.data.datasets import load_dataset, split_indices, to_model_range
+from models.io.errors import MissingInputError, PipelineError
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -73,7 +73,7 @@ def test_fashion_missing_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_fashion_dir_env_var_is_read_at_import(tmp_path, repo_root):
-    code = "import models.data as d; print(d.FASHION_DIR)"
+    code = "import models.data.datasets as d; print(d.FASHION_DIR)"
     env = {"FASHION_MNIST_DIR": str(tmp_path / "elsewhere"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True,
                           timeout=120)

@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 import torch
 
-import models.features
+import models.stages.features
 from helpers import kill_on_create, load_pt, one_error_line, run_main_in_process, start_logged, use_cached_mnist5k
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def _feature_command(where, inputs):
 
 @pytest.fixture(scope="module")
 def gen_stage(tiny_teacher_ckpt, tmp_path_factory) -> Stage:
-    from models.generate import GenerateOptions, generate_training_data
+    from models.stages.generate import GenerateOptions, generate_training_data
     where = tmp_path_factory.mktemp("faults_gen_reference")
     generate_training_data(GenerateOptions(ckpt=str(tiny_teacher_ckpt), output_dir=str(where), n_samples=16,
                                            batch_size=4, shard_size=4, steps=2, spacing="leading", cpu=True))
@@ -105,7 +105,7 @@ def gen_stage(tiny_teacher_ckpt, tmp_path_factory) -> Stage:
 
 @pytest.fixture(scope="module")
 def train_stage(gen_stage, tiny_teacher_ckpt, tmp_path_factory) -> Stage:
-    from models.train_student import StudentTrainOptions, train_student
+    from models.training.student import StudentTrainOptions, train_student
     pairs = gen_stage.result
     where = tmp_path_factory.mktemp("faults_train_reference")
     train_student(StudentTrainOptions(ddpm_ckpt=str(tiny_teacher_ckpt), data_path=str(pairs), output_dir=str(where),
@@ -122,10 +122,10 @@ def train_stage(gen_stage, tiny_teacher_ckpt, tmp_path_factory) -> Stage:
 
 @pytest.fixture(scope="module")
 def extract_stage(train_stage, tiny_teacher_ckpt, mnist5k, tmp_path_factory) -> Stage:
-    from models.features import FeatureOptions, extract_reference_features
+    from models.stages.features import FeatureOptions, extract_reference_features
     where = tmp_path_factory.mktemp("faults_extract_reference")
     with pytest.MonkeyPatch.context() as mp:
-        use_cached_mnist5k(mp, models.features, mnist5k)
+        use_cached_mnist5k(mp, models.stages.features, mnist5k)
         extract_reference_features(FeatureOptions(
             ddpm_ckpt=str(tiny_teacher_ckpt), decoder_ckpt=str(train_stage.result), output_path=str(where / "rf.pt"),
             dataset="mnist5k", limit=16, batch_size=4, shard_size=4, method="ddim_inversion", inversion_steps=2,
@@ -151,7 +151,7 @@ def stage(request) -> Stage:
 @pytest.fixture
 def cli(monkeypatch, capsys, mnist5k):
     """cli(script, args) runs a stage script in this interpreter: (exit code, stdout, stderr)."""
-    use_cached_mnist5k(monkeypatch, models.features, mnist5k)
+    use_cached_mnist5k(monkeypatch, models.stages.features, mnist5k)
     return lambda script, args: run_main_in_process(REPO / script, args, monkeypatch, capsys)
 
 
@@ -274,8 +274,8 @@ def test_every_later_stage_refuses_a_nan_student(train_stage, extract_stage, cli
 
 def test_train_ddpm_refuses_to_continue_nan_weights(tiny_teacher_ckpt, cli, monkeypatch, mnist5k, tmp_path):
     """--init_from continues the raw weights as well as the EMA ones: NaN in either is refused before any output."""
-    import models.train_teacher
-    use_cached_mnist5k(monkeypatch, models.train_teacher, mnist5k)
+    import models.training.teacher
+    use_cached_mnist5k(monkeypatch, models.training.teacher, mnist5k)
     ckpt = load_pt(tiny_teacher_ckpt)
     name = next(k for k in ckpt["model"] if "init_conv.module.0.weight" in k)
     ckpt["model"][name].view(-1)[0] = float("nan")
@@ -451,8 +451,9 @@ def _drop_a_row(obj):
     (None, ("not written", "images of rows 2", "a rerun cannot help")),
 ])
 def test_a_file_that_did_not_verify_never_takes_the_final_name(change, needles, tmp_path, monkeypatch):
-    from models.guards import verified
-    from models.io import PipelineError, atomic_save
+    from models.io.guards import verified
+    from models.io.errors import PipelineError
+    from models.io.files import atomic_save
     data = {"images": torch.randn(4, 1, 28, 28), "noise": torch.randn(4, 1, 28, 28)}
     if change is None:
         data["images"][2, 0, 3, 3] = float("nan")
@@ -471,8 +472,8 @@ def test_a_file_that_did_not_verify_never_takes_the_final_name(change, needles, 
 
 
 def test_a_non_finite_discriminator_loss_stops_before_its_step():
-    from models.adversarial import AdversarialTerm
-    from models.io import PipelineError
+    from models.training.adversarial import AdversarialTerm
+    from models.io.errors import PipelineError
     real = torch.zeros(8, 1, 28, 28)
     real[3] = float("nan")
     term = AdversarialTerm(real, width=4, lr=1e-3, max_shift=0, device="cpu")
@@ -488,7 +489,7 @@ def test_a_non_finite_discriminator_loss_stops_before_its_step():
 def test_generate_api_refuses_to_return_non_finite_images(train_stage, tmp_path):
     """The notebook / server path: a student whose weights are finite but overflow returns an error, not NaN."""
     from models.api import DirectDecoderPipeline
-    from models.io import PipelineError
+    from models.io.errors import PipelineError
     student = tmp_path / "huge_student.pt"
     _poison(train_stage.result, student, 0.0, scale=True)
     pipe = DirectDecoderPipeline.load(str(train_stage.inputs["teacher"]), str(student), device="cpu")

@@ -11,18 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.data
-import models.features
+import models.data.datasets
+import models.stages.features
 from helpers import assert_identical, kill_when, load_pt, one_error_line, start_logged, use_cached_mnist5k
-from models.checkpoint import load_teacher
-from models.features import FeatureOptions, extract_reference_features, latent_timestep, psnr
-from models.image_encoder import (EncoderTrainOptions, ImageEncoder, _training_batch, load_image_encoder,
-                                  train_image_encoder)
-from models.noise import per_sample_noise
-from models.io import MissingInputError, PipelineError, run_cli, sha256_file
-from models.samplers import ddim_invert, ddim_timesteps
-from models.student import load_student
-from models.train_student import load_training_pairs
+from models.diffusion.noise import per_sample_noise
+from models.diffusion.samplers import ddim_invert, ddim_timesteps
+from models.io.errors import MissingInputError, PipelineError, run_cli
+from models.io.files import sha256_file
+from models.io.teacher_checkpoints import load_teacher
+from models.nets.image_encoder import ImageEncoder, load_image_encoder
+from models.nets.student import load_student
+from models.stages.features import FeatureOptions, extract_reference_features, latent_timestep, psnr
+from models.training.image_encoder import EncoderTrainOptions, _training_batch, train_image_encoder
+from models.training.student import load_training_pairs
 
 N = 120  # --limit of the tiny feature run (conftest TINY_FEATURE_ARGS)
 
@@ -49,7 +50,7 @@ def teacher(tiny_teacher_ckpt):
 @pytest.fixture
 def cached_dataset(monkeypatch, mnist5k):
     """In-process runs read mnist5k from the session cache (the CSV parse costs seconds of CPU)."""
-    return use_cached_mnist5k(monkeypatch, models.features, mnist5k)
+    return use_cached_mnist5k(monkeypatch, models.stages.features, mnist5k)
 
 
 # ---------------------------------------------------------------- contents of the file
@@ -175,7 +176,7 @@ def test_features_record_the_pairs_the_encoder_used(ref, tiny_pairs):
 def test_missing_pairs_fall_back_to_the_students_images(tmp_path, tiny_student, capsys):
     ckpt = load_pt(tiny_student)
     ckpt["training_data"] = {**ckpt["training_data"], "path": str(tmp_path / "moved.pt")}
-    assert models.features.student_training_pairs(ckpt) is None
+    assert models.stages.features.student_training_pairs(ckpt) is None
     assert "missing or changed" in capsys.readouterr().out
 
 
@@ -249,7 +250,7 @@ def upstream_like_pair(tmp_path_factory, tiny_teacher_ckpt, tiny_student):
 
 def test_checkpoint_without_data_source_means_mnist(tmp_path, monkeypatch, capsys, upstream_like_pair):
     teacher_path, student_path = upstream_like_pair
-    monkeypatch.setattr(models.data, "MNIST_ROOT", tmp_path / "no_mnist_here")
+    monkeypatch.setattr(models.data.datasets, "MNIST_ROOT", tmp_path / "no_mnist_here")
     out = tmp_path / "r.pt"
     opts = FeatureOptions(ddpm_ckpt=str(teacher_path), decoder_ckpt=str(student_path), output_path=str(out),
                           limit=8, cpu=True)
@@ -269,7 +270,7 @@ def test_checkpoint_without_data_source_means_mnist(tmp_path, monkeypatch, capsy
 def test_checkpoint_without_data_source_resolves_mnist(tmp_path, monkeypatch, upstream_like_pair, mnist5k):
     teacher_path, student_path = upstream_like_pair
     seen = []
-    monkeypatch.setattr(models.features, "load_dataset",
+    monkeypatch.setattr(models.stages.features, "load_dataset",
                         lambda source, split="train", download=False: seen.append((source, download)) or mnist5k)
     opts = FeatureOptions(ddpm_ckpt=str(teacher_path), decoder_ckpt=str(student_path),
                           output_path=str(tmp_path / "r.pt"), limit=8, cpu=True)
@@ -315,7 +316,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, repo_root, tiny_pip
 
 def test_latent_timestep_is_where_the_pairs_sampler_starts():
     """Inversion must end where the student's noise lives: the first timestep of its pairs' sampler grid."""
-    from models.sampling import SamplerConfig
+    from models.diffusion.sampling import SamplerConfig
 
     def student(meta):
         return {"training_data": {"metadata": meta}}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import kill_when, load_pt, one_error_line, run_main_in_process, sha256, start_logged
-from models.noise import per_sample_noise
+from models.diffusion.noise import per_sample_noise
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "generate_training_data.py"
@@ -67,8 +67,8 @@ def test_training_data_contents(tiny_pairs, tiny_teacher_ckpt):
 
 def test_images_are_the_teachers_ddim_samples(tiny_pairs, tiny_teacher_ckpt):
     """The stored image of noise z is what the teacher's DDIM sampler makes of z (not, e.g., shifted rows)."""
-    from models.checkpoint import load_teacher
-    from models.sampling import teacher_sample
+    from models.io.teacher_checkpoints import load_teacher
+    from models.diffusion.sampling import teacher_sample
     data = load_pt(tiny_pairs)
     meta = data["metadata"]
     teacher = load_teacher(tiny_teacher_ckpt)
@@ -99,7 +99,7 @@ def small_runs(tiny_teacher_ckpt, tmp_path_factory):
     runs = {"b4": (20, 4, 0), "b7": (20, 7, 0), "n10": (10, 4, 0), "seed1": (10, 4, 1)}
     out = {}
     # In-process through the API the script calls (the runpy fixture is function-scoped).
-    from models.generate import GenerateOptions, generate_training_data
+    from models.stages.generate import GenerateOptions, generate_training_data
     for name, (n, batch, seed) in runs.items():
         opts = GenerateOptions(ckpt=str(tiny_teacher_ckpt), n_samples=n, batch_size=batch, seed=seed, steps=3,
                                output_dir=str(root / name), cpu=True)
@@ -150,7 +150,7 @@ def killed_gen(tiny_teacher_ckpt, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def straight_gen(tiny_teacher_ckpt, tmp_path_factory) -> Path:
-    from models.generate import GenerateOptions, generate_training_data
+    from models.stages.generate import GenerateOptions, generate_training_data
     out = tmp_path_factory.mktemp("gen_straight") / "run"
     opts = GenerateOptions(ckpt=str(tiny_teacher_ckpt), output_dir=str(out), cpu=True, n_samples=32, batch_size=4,
                            shard_size=4, steps=10, seed=3)
@@ -240,8 +240,8 @@ def test_ddpm_sampler_uses_all_timesteps(tiny_teacher_ckpt, tmp_path, gen):
 def test_dpmpp_pairs_record_their_sampler(tiny_teacher_ckpt, tmp_path, gen):
     """--sampler dpmpp2m: the pairs are that solver's images of their noises, and the frozen config saved with them
     says so (and regenerates them)."""
-    from models.checkpoint import load_teacher
-    from models.sampling import SamplerConfig
+    from models.io.teacher_checkpoints import load_teacher
+    from models.diffusion.sampling import SamplerConfig
     code, _, err = gen(*_small(tiny_teacher_ckpt, tmp_path, "--sampler", "dpmpp2m", "--n_samples", 6,
                                "--batch_size", 4))
     assert code == 0, err

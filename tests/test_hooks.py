@@ -1,4 +1,4 @@
-"""models.hooks: what each hook does to bottleneck features, and how invalid hooks are refused."""
+"""models.steering.hooks: what each hook does to bottleneck features, and how invalid hooks are refused."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from models.hooks import (HookError, channel_scale_hook, class_hook, class_means, compose, exclude_hook,
-                          include_hook, interpolate_hook, multi_include_hook)
-from models.io import PipelineError
+from models.io.errors import PipelineError
+from models.steering.hooks import (HookError, channel_scale_hook, class_hook, class_means, compose, exclude_hook,
+                                   include_hook, interpolate_hook, multi_include_hook)
 
 SHAPE = (8, 7, 7)  # the tiny teacher's bottleneck (base_dim 4, dim_mults [2, 4])
 

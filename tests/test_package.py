@@ -129,7 +129,7 @@ def test_bench_scripts_import_the_installed_package(tmp_path):
 
 
 def test_run_record_carries_machine_versions_and_command(tmp_path, monkeypatch):
-    from models.io import append_run_record, software_versions
+    from models.io.records import append_run_record, software_versions
     monkeypatch.setattr(sys, "argv", ["bench/bench_x.py", "--n", "4"])
     path = tmp_path / "results" / "x.jsonl"
     first = append_run_record({"n": 4, "fd": 1.5}, path)

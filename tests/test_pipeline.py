@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import models.attribution
-import models.evaluate
-import models.features
-import models.pipeline
+import models.evaluation.evaluate
+import models.stages.attribution
+import models.stages.features
+import models.stages.pipeline
 from helpers import load_pt, sha256, use_cached_mnist5k
-from models.io import PipelineError
-from models.pipeline import STAGES, run_pipeline
+from models.io.errors import PipelineError
+from models.stages.pipeline import STAGES, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,8 @@ TINY = {"n_pairs": 60, "ddim_steps": 5, "gen_batch": 8, "epochs": 2, "train_batc
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_teacher_ckpt, mnist5k):
     mp = pytest.MonkeyPatch()
-    mp.setitem(models.pipeline.PRESETS, "tiny", TINY)
-    for module in (models.features, models.attribution, models.evaluate):
+    mp.setitem(models.stages.pipeline.PRESETS, "tiny", TINY)
+    for module in (models.stages.features, models.stages.attribution, models.evaluation.evaluate):
         use_cached_mnist5k(mp, module, mnist5k)
     out = tmp_path_factory.mktemp("pipeline") / "tiny"
     try:
@@ -77,8 +77,8 @@ def test_a_preset_can_continue_a_student_on_pairs_of_an_unseen_seed(tmp_path, ti
     preset = TINY | {"init_from": str(tiny_student), "pairs_seed": 5, "epochs": 1, "val_fraction": 0.2,
                      "gen_channels_last": True, "ddim_steps": 3}
     mp = pytest.MonkeyPatch()
-    mp.setitem(models.pipeline.PRESETS, "tiny_continue", preset)
-    for module in (models.features, models.attribution, models.evaluate):
+    mp.setitem(models.stages.pipeline.PRESETS, "tiny_continue", preset)
+    for module in (models.stages.features, models.stages.attribution, models.evaluation.evaluate):
         use_cached_mnist5k(mp, module, mnist5k)
     out = tmp_path / "run"
     try:
@@ -109,10 +109,10 @@ def test_continuing_preset_with_another_teacher_says_which_preset_to_use(tmp_pat
 
 def test_shipped_presets_are_consistent():
     """Each preset runs the perceptual term; the demo continues the shipped student on a seed it never trained on."""
-    from models.io import DEFAULT_STUDENT
-    for name, p in models.pipeline.PRESETS.items():
+    from models.io.paths import DEFAULT_STUDENT
+    for name, p in models.stages.pipeline.PRESETS.items():
         assert p["perceptual_weight"] > 0, name
-    demo = models.pipeline.PRESETS["demo"]
+    demo = models.stages.pipeline.PRESETS["demo"]
     assert demo["init_from"] == DEFAULT_STUDENT
     # The seeds of its pairs, from the commands that made it and the student it continues (only the last leg's pairs
     # are in the checkpoint).
@@ -121,4 +121,4 @@ def test_shipped_presets_are_consistent():
     assert seen == {0, 1, 2}
     assert load_pt(DEFAULT_STUDENT)["config"]["training_data"]["metadata"]["seed"] in seen
     assert demo["pairs_seed"] not in seen
-    assert not models.pipeline.PRESETS["demo_from_teacher"].get("init_from")
+    assert not models.stages.pipeline.PRESETS["demo_from_teacher"].get("init_from")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from helpers import load_pt, subprocess_env
-from models.sampling import DEFAULT_DDIM_STEPS
+from models.diffusion.sampling import DEFAULT_DDIM_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 

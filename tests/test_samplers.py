@@ -1,6 +1,6 @@
 """Samplers: pinned numbers on network-free dummies, hand-derived steps, and the real (fixture) network.
 
-The pinned values were computed once with models/samplers.py (torch 2.x, float32, CPU) after the K=1/K=2 DDIM
+The pinned values were computed once with models/diffusion/samplers.py (torch 2.x, float32, CPU) after the K=1/K=2 DDIM
 steps and the single ancestral steps below were checked against formulas written out by hand in float64.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from models.noise import per_sample_noise
-from models.samplers import (LAMBDA_MIN_CLIPPED, ddim_invert, ddim_sample, ddim_timesteps, ddpm_reverse_step,
-                            ddpm_sample, dpmpp_sample, dpmpp_timesteps, inversion_timesteps, log_snr)
-from models.sampling import SamplerConfig
-from models.schedule import schedule_buffers
+from models.diffusion.noise import per_sample_noise
+from models.diffusion.samplers import (LAMBDA_MIN_CLIPPED, ddim_invert, ddim_sample, ddim_timesteps, ddpm_reverse_step,
+                                       ddpm_sample, dpmpp_sample, dpmpp_timesteps, inversion_timesteps, log_snr)
+from models.diffusion.sampling import SamplerConfig
+from models.diffusion.schedule import schedule_buffers
 
 REL = 1e-5
 ABS = 1e-5

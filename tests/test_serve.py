@@ -19,12 +19,12 @@ from PIL import Image
 
 from helpers import start_server, stop_server
 from models.api import DirectDecoderPipeline
-from models.hooks import compose
 from models.server.app import MAX_BODY_BYTES, create_app
 from models.server.generation import GenerationService
 from models.server.jobs import JobManager
 from models.server.serving import ServeOptions, find_features, load_served_pipeline
 from models.server.stages import NOT_PATH_OPTIONS, PATH_OPTIONS, STAGE_SCRIPTS, stage_options
+from models.steering.hooks import compose
 
 TINY_GENERATE = {"n_samples": 24, "batch_size": 4, "steps": 3, "spacing": "leading", "cpu": True}
 
@@ -91,7 +91,7 @@ def test_top_k_zero_and_training_images(server):
     client, _, tiny = server
     body = client.post("/v1/generate", json={"n": 2, "top_k": 0}).json()
     assert [item["top_k"] for item in body["images"]] == [[], []]
-    from models.data import load_dataset
+    from models.data.datasets import load_dataset
     data = load_dataset("mnist5k")
     r = client.get("/v1/train_images/7")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -229,7 +229,7 @@ def test_cancel_stops_the_job_and_leaves_no_output(server):
 
 
 def test_server_finds_features_of_its_pair_only(tiny_pipeline, tmp_path):
-    from models.io import sha256_file
+    from models.io.files import sha256_file
     t, s = sha256_file(tiny_pipeline.teacher), sha256_file(tiny_pipeline.student)
     other = tmp_path / "other.pt"
     other.write_bytes(b"not a checkpoint")

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.evaluate
+import models.evaluation.evaluate
 from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, sha256,
                      start_logged, use_cached_mnist5k)
-from models.checkpoint import load_teacher
-from models.io import AUDIT_CLASSIFIER, PipelineError
-from models.noise import per_sample_noise
-from models.student import DirectDecoder, load_student
+from models.diffusion.noise import per_sample_noise
+from models.io.errors import PipelineError
+from models.io.paths import AUDIT_CLASSIFIER
+from models.io.teacher_checkpoints import load_teacher
+from models.nets.student import DirectDecoder, load_student
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_direct_decoder.py"
@@ -32,7 +33,7 @@ def train(monkeypatch, capsys, mnist5k):
     """Runs train_direct_decoder.py's __main__ in this interpreter: train(*args) -> (exit code, stdout, stderr).
 
     The evaluation's real images come from the session's cached mnist5k (parsing the CSV costs seconds)."""
-    use_cached_mnist5k(monkeypatch, models.evaluate, mnist5k)
+    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, mnist5k)
     return lambda *args: run_main_in_process(SCRIPT, args, monkeypatch, capsys)
 
 
@@ -180,7 +181,7 @@ def test_hooks_steer_a_teacher_initialised_decoder(upstream_teacher_model_weight
 @pytest.fixture(scope="module")
 def student_straight(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory) -> Path:
     """An uninterrupted 4-epoch run (in this interpreter, through the API the script calls)."""
-    from models.train_student import StudentTrainOptions, train_student
+    from models.training.student import StudentTrainOptions, train_student
     out = tmp_path_factory.mktemp("student_straight") / "run"
     train_student(StudentTrainOptions(ddpm_ckpt=str(tiny_teacher_ckpt), data_path=str(tiny_pairs),
                                       output_dir=str(out), epochs=4, batch_size=8, lr=1e-3, cpu=True,
@@ -420,7 +421,7 @@ def test_perceptual_loss_in_the_audit_classifiers_space_is_refused(tiny_teacher_
 def test_batchnorm_recalibration_gives_exact_statistics():
     """The EMA model is evaluated and saved with BatchNorm statistics recomputed over training latents: the exact
     mean and (unbiased) variance of each channel's input, whatever the running averages said before."""
-    from models.unet import recalibrate_batchnorm
+    from models.nets.unet import recalibrate_batchnorm
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3)).eval()
     model[1].running_mean.fill_(5.0)  # stale statistics, as after fast-moving training

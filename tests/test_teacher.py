@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from helpers import load_pt, run_main_in_process
-from models.checkpoint import infer_teacher_config, load_teacher, strip_ema
-from models.diffusion import MNISTDiffusion, TeacherConfig
-from models.io import MissingInputError, PipelineError
-from models.samplers import ddpm_reverse_step
-from models.schedule import schedule_buffers
+from models.diffusion.samplers import ddpm_reverse_step
+from models.diffusion.schedule import schedule_buffers
+from models.io.errors import MissingInputError, PipelineError
+from models.io.teacher_checkpoints import infer_teacher_config, load_teacher, strip_ema
+from models.nets.teacher import MNISTDiffusion, TeacherConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-import models.train_teacher
+import models.training.teacher
 from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, start_logged,
                      use_cached_mnist5k)
-from models.checkpoint import infer_teacher_config, load_teacher, strip_ema
-from models.diffusion import MNISTDiffusion, TeacherConfig
-from models.train_teacher import list_checkpoints
-from models.unet import sinusoidal_table
+from models.io.teacher_checkpoints import infer_teacher_config, load_teacher, strip_ema
+from models.nets.teacher import MNISTDiffusion, TeacherConfig
+from models.nets.unet import sinusoidal_table
+from models.training.teacher import list_checkpoints
 
 CKPT_NAME = re.compile(r"^steps_\d{8}\.pt$")
 SCHEDULE_KEYS = ("betas", "alphas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
@@ -33,7 +33,7 @@ def in_process(train_cli, mnist5k, monkeypatch, capsys):
     """Runs train_ddpm.py's __main__ (argparse + run_cli) in this interpreter: (exit code, stdout, stderr).
 
     Cheaper than a subprocess (no torch import, and mnist5k comes from the session cache)."""
-    use_cached_mnist5k(monkeypatch, models.train_teacher, mnist5k)
+    use_cached_mnist5k(monkeypatch, models.training.teacher, mnist5k)
     return lambda args: run_main_in_process(train_cli.repo / "train_ddpm.py", args, monkeypatch, capsys)
 
 

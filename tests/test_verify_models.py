@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from helpers import load_pt, one_error_line, run_main_in_process, subprocess_env
-from models.io import PipelineError, sha256_file
-from models.manifest import add_entry, verify
+from models.io.errors import PipelineError
+from models.io.files import sha256_file
+from models.io.manifest import add_entry, verify
 
 TEACHER, STUDENT = "ckpts/teacher.pt", "ckpts/student.pt"
 
@@ -224,7 +225,7 @@ def test_verify_models_passes_on_the_shipped_files(repo_root, monkeypatch, capsy
 
 
 def test_teacher_record_goes_through_the_one_writer(tiny_teacher_run, tmp_path, repo_root, monkeypatch, capsys):
-    """bench/teacher_manifest.py writes CKPT.json with models.manifest's identity (path, sha256, size_bytes), and
+    """bench/teacher_manifest.py writes CKPT.json with models.io.manifest's identity (path, sha256, size_bytes), and
     --refresh_eval replaces only the evaluation (and status)."""
     ckpt = tmp_path / "teacher.pt"
     shutil.copyfile(tiny_teacher_run["final"], ckpt)

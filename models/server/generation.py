@@ -11,9 +11,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..api import DirectDecoderPipeline
-from ..data import load_dataset
-from ..hooks import compose
-from ..io import PipelineError, image_grid_png
+from ..data.datasets import load_dataset
+from ..io.errors import PipelineError
+from ..io.images import image_grid_png
+from ..steering.hooks import compose
 
 MAX_N = 64
 MAX_TOP_K = 20

@@ -1,7 +1,7 @@
 """Long stages as subprocesses running the existing scripts: start, watch, cancel, resume, and stream their events.
 
 Each job has a directory WORKDIR/jobs/ID with the script's output (log.txt) and its progress channel
-(progress.jsonl, see models/progress.py). Events are read back from those files, so any number of clients can follow
+(progress.jsonl, see models/io/progress.py). Events are read back from those files, so any number of clients can follow
 a job, from its start, and a restarted server still has every past job's log.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
-from ..io import PipelineError
-from ..progress import PROGRESS_ENV
+from ..io.errors import PipelineError
+from ..io.progress import PROGRESS_ENV
 from .db import FINISHED, RUNNING, JobStore
 from .stages import build_command, has_resume_flag
 

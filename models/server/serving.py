@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..api import DirectDecoderPipeline
-from ..features import FeatureOptions, extract_reference_features
-from ..io import DEFAULT_STUDENT, DEFAULT_TEACHER, REPO_ROOT, PipelineError, load_checkpoint, pick_device
-from ..pipeline import PRESETS
+from ..io.checkpoints import load_checkpoint
+from ..io.device import pick_device
+from ..io.errors import PipelineError
+from ..io.paths import DEFAULT_STUDENT, DEFAULT_TEACHER, REPO_ROOT
+from ..stages.features import FeatureOptions, extract_reference_features
+from ..stages.pipeline import PRESETS
 
 
 @dataclass

@@ -11,7 +11,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..io import REPO_ROOT, PipelineError
+from ..io.errors import PipelineError
+from ..io.paths import REPO_ROOT
 
 STAGE_SCRIPTS = {"generate": "generate_training_data.py", "train": "train_direct_decoder.py",
                  "extract": "extract_reference_features.py", "attribute": "attribution_generation.py",

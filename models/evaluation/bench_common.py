@@ -1,0 +1,26 @@
+"""What the benches that measure a trained pipeline (teacher, student, reference features) share: their options and
+loading. Their records go through models.io.append_run_record."""
+from ..api import DirectDecoderPipeline
+from ..io.cli import ArgumentParser, add_cpu_flag
+from ..io.device import pick_device
+from ..io.paths import DEFAULT_CLASSIFIER
+from ..nets.classifier import load_classifier
+
+
+def pipeline_parser(doc: str, record: str, n: int = 256) -> ArgumentParser:
+    p = ArgumentParser(description=doc)
+    p.add_argument("--ddpm_ckpt", required=True, help="teacher checkpoint")
+    p.add_argument("--decoder_ckpt", required=True, help="student checkpoint")
+    p.add_argument("--ref_features_path", required=True, help="extract_reference_features.py output")
+    p.add_argument("--n", type=int, default=n, help="generations")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
+    p.add_argument("--record", default=record, help="append results here")
+    add_cpu_flag(p)
+    return p
+
+
+def load_pipeline(args):
+    """(pipeline with reference features, project classifier), both on the chosen device."""
+    device = pick_device(args.cpu)
+    pipe = DirectDecoderPipeline.load(args.ddpm_ckpt, args.decoder_ckpt, args.ref_features_path, device=device)
+    return pipe, load_classifier(args.classifier, device)

@@ -1,0 +1,1 @@
+"""Files, checkpoints, paths, errors and command lines: what every stage shares (no model code)."""

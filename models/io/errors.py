@@ -1,0 +1,46 @@
+"""A failure the user can act on as one "error:" line and an exit code: PipelineError, MissingInputError, and
+run_cli, which turns them (and Ctrl-C) into that line for every script."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+EXIT_ERROR = 1
+EXIT_MISSING = 2
+
+
+class PipelineError(Exception):
+    """A failure the user can act on: printed as one line, exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class MissingInputError(PipelineError):
+    """A model or dataset that is not there (exit 2); the message names the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_MISSING)
+
+
+def run_cli(main: Callable[[], Any], resumable: bool = True) -> None:
+    """Runs a script's main: a refused input is one "error:" line and its exit code, not a traceback.
+    ``resumable=False`` (the benches) drops the hint that rerunning resumes."""
+    try:
+        main()
+    except PipelineError as err:
+        _close_progress_bars()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print("interrupted: rerun the same command to resume" if resumable else "interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _close_progress_bars() -> None:
+    """A bar the failure left open would be redrawn after the error line, splitting it; closed first."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

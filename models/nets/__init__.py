@@ -1,0 +1,2 @@
+"""The networks: the UNet, the teacher (MNISTDiffusion), the student (DirectDecoder), the classifier, the image
+encoder and the discriminator, each with its loading."""

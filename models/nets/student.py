@@ -1,0 +1,133 @@
+"""The direct decoder: the teacher's UNet used as a one-step map noise -> image, steerable at its bottleneck.
+
+It runs the UNet at a fixed input timestep (T-1, where the starting noise lives) and regresses the teacher's
+image directly. Warm-starting from the teacher's weights gives it the teacher's features from step one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..io.checkpoints import load_checkpoint
+from ..io.errors import PipelineError
+from ..io.files import sha256_file
+from ..io.teacher_checkpoints import (LoadedTeacher, inference_weights, load_strict, load_teacher,
+                                      require_finite_checkpoint)
+from .teacher import TeacherConfig
+from .unet import BottleneckHook, Unet, stage_channels
+
+STUDENT_FIX = "pass a checkpoint written by train_direct_decoder.py (e.g. direct_decoder_results/best_model.pt)"
+
+
+SKIP_MODES = ("zero", "keep")
+
+
+class DirectDecoder(nn.Module):
+    """``skips="zero"`` (the default) feeds the decoder zeros instead of the encoder's skip connections, so every
+    output pixel depends on the input only through the bottleneck: a hook there then steers all of the image.
+    With ``"keep"`` (the teacher's wiring) the 28x28 and 14x14 skips carry most of the content past the
+    bottleneck, and bottleneck hooks barely move the output (measured in BENCHMARKS.md)."""
+
+    def __init__(self, teacher_config: TeacherConfig, input_timestep: Optional[int] = None, skips: str = "zero"):
+        super().__init__()
+        if skips not in SKIP_MODES:
+            raise PipelineError(f"skips must be one of {SKIP_MODES}, got {skips!r}")
+        c = teacher_config
+        self.teacher_config = c
+        self.skips = skips
+        self.input_timestep = c.timesteps - 1 if input_timestep is None else int(input_timestep)
+        self.unet = Unet(c.timesteps, c.time_embedding_dim, c.in_channels, c.in_channels, c.base_dim,
+                         list(c.dim_mults))
+
+    @property
+    def model_args(self) -> dict:
+        return {"teacher": self.teacher_config.to_dict(), "input_timestep": self.input_timestep, "skips": self.skips}
+
+    @property
+    def bottleneck_shape(self) -> tuple[int, int, int]:
+        return self.teacher_config.bottleneck_shape
+
+    def _timestep(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full((z.shape[0],), self.input_timestep, device=z.device, dtype=torch.long)
+
+    def _encode(self, z: torch.Tensor):
+        h, shortcuts, t_emb = self.unet.encode(z, self._timestep(z))
+        if self.skips == "zero":
+            shortcuts = self._zero_skips(h)
+        return h, shortcuts, t_emb
+
+    def _zero_skips(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Zeros in the shapes of the encoder's shortcuts (stage i: c_out/2 channels at side image_size / 2^i)."""
+        c = self.teacher_config
+        return [h.new_zeros(h.shape[0], c_out // 2, c.image_size >> i, c.image_size >> i)
+                for i, (_, c_out) in enumerate(stage_channels(c.base_dim, c.dim_mults))]
+
+    def forward(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None) -> torch.Tensor:
+        return self.generate(z, hook)[0]
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """The image for bottleneck features ``h`` alone (zero-skip students: the image depends on nothing else)."""
+        if self.skips != "zero":
+            raise PipelineError("decoding from the bottleneck alone needs a student trained with --skips zero")
+        return self.unet.decode(h, self._zero_skips(h), self.unet.time_embedding(self._timestep(h)))
+
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """The features hooks act on (before any hook), e.g. to build reference features."""
+        return self.unet.encode(z, self._timestep(z))[0]
+
+    def generate(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None):
+        """Image plus the bottleneck before and after the hook, from one encoder pass."""
+        h, shortcuts, t_emb = self._encode(z)
+        steered = hook(h) if hook is not None else h
+        return self.unet.decode(steered, shortcuts, t_emb), h, steered
+
+    @classmethod
+    def from_teacher(cls, teacher_unet: Unet, teacher_config: TeacherConfig, skips: str = "zero") -> "DirectDecoder":
+        student = cls(teacher_config, skips=skips)
+        student.unet.load_state_dict(teacher_unet.state_dict())
+        return student
+
+
+@dataclass
+class LoadedStudent:
+    decoder: DirectDecoder
+    path: str
+    sha256: str
+    teacher_sha256: str
+    checkpoint: dict
+
+
+def load_student(path: str | Path, device="cpu", use_ema: bool = True) -> LoadedStudent:
+    ckpt = load_checkpoint(path, device, what="direct-decoder checkpoint", fix=STUDENT_FIX)
+    if ckpt.get("kind") != "direct_decoder":
+        what = "a teacher (DDPM) checkpoint" if "model" in ckpt and ckpt.get("kind") in (None, "teacher") \
+            else f"a {ckpt.get('kind', 'unknown')} file"
+        raise PipelineError(f"{path} is {what}, not a direct-decoder checkpoint; {STUDENT_FIX}")
+    args = ckpt["model_args"]
+    # checkpoints from before the skips option kept the teacher's skip connections
+    decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"], args.get("skips", "keep"))
+    state, weights = inference_weights(ckpt, use_ema)
+    require_finite_checkpoint(state, path, "direct-decoder checkpoint", weights)
+    load_strict(decoder, state, path, "its recorded architecture")
+    decoder.to(device).eval().requires_grad_(False)
+    return LoadedStudent(decoder, str(path), sha256_file(path), ckpt["teacher"]["sha256"], ckpt)
+
+
+def check_pairing(student: LoadedStudent, teacher_sha256: str, teacher_path: str) -> None:
+    """A student only makes sense with the teacher it was distilled from."""
+    if student.teacher_sha256 != teacher_sha256:
+        raise PipelineError(f"{student.path} was distilled from teacher sha256 {student.teacher_sha256[:12]}, "
+                            f"but --ddpm_ckpt {teacher_path} has sha256 {teacher_sha256[:12]}; pass the matching "
+                            "teacher")
+
+
+def load_teacher_and_student(ddpm_ckpt: str, decoder_ckpt: str, device) -> tuple[LoadedTeacher, LoadedStudent]:
+    """Every stage after training needs both, and only as a pair that belongs together."""
+    teacher = load_teacher(ddpm_ckpt, device)
+    student = load_student(decoder_ckpt, device)
+    check_pairing(student, teacher.sha256, ddpm_ckpt)
+    return teacher, student

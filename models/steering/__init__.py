@@ -1,0 +1,1 @@
+"""Steering through the student's bottleneck: hooks, the nearest-training-image search, and Steering."""

@@ -1,0 +1,60 @@
+"""Steering by training image or class: hooks built from reference features by training-set index, and the
+attribution of what was generated to its nearest training images.
+
+Attribution here is *similarity* in the student's bottleneck space: which training images sit closest to the
+features that produced a generation. It is not causal influence (what would change had an image been left out).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..io.errors import PipelineError
+from .hooks import class_hook, exclude_hook, include_hook, interpolate_hook
+from .search import top_k_similar
+
+
+def _check_indices(name: str, indices: list[int], n: int) -> torch.Tensor:
+    if not indices:
+        raise PipelineError(f"--{name} needs at least one index")
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise PipelineError(f"--{name} indices {bad[:5]} are outside the reference set (0..{n - 1})")
+    return torch.as_tensor(indices)
+
+
+class Steering:
+    """Reference features + a student: hooks by training-set index or class, and attribution of outputs."""
+
+    def __init__(self, decoder, ref: dict, device):
+        self.decoder = decoder
+        self.ref = ref
+        self.features = ref["features"].to(device)
+        self.labels = ref["labels"]
+        self.device = device
+
+    def include(self, indices, strength):
+        return include_hook(self.features[_check_indices("include", list(indices), len(self.labels))], strength)
+
+    def exclude(self, indices, strength):
+        return exclude_hook(self.features[_check_indices("exclude", list(indices), len(self.labels))], strength)
+
+    def interpolate(self, a_indices, b_indices, alpha, strength):
+        """Toward the point ``alpha`` of the way from the mean of training images a to the mean of images b."""
+        n = len(self.labels)
+        return interpolate_hook(self.features[_check_indices("interpolate a", list(a_indices), n)],
+                                self.features[_check_indices("interpolate b", list(b_indices), n)], alpha, strength)
+
+    def toward_class(self, label: int, strength):
+        classes = sorted(int(c) for c in self.labels.unique())
+        if label not in classes:
+            raise PipelineError(f"--target_class {label} is not a label of the reference set ({classes})")
+        return class_hook(self.features[(self.labels == label).to(self.features.device)], strength)
+
+    @torch.inference_mode()
+    def generate(self, z: torch.Tensor, hook=None):
+        images, _, steered = self.decoder.generate(z, hook)
+        return images.float().clamp(-1, 1), steered
+
+    def attribute(self, features: torch.Tensor, k: int):
+        scores, idx = top_k_similar(features, self.features, k)
+        return scores.cpu(), idx.cpu(), self.labels[idx.cpu()]

@@ -1,0 +1,72 @@
+"""The adversarial term of distillation: a small discriminator (models/nets/discriminator.py) that tells real 28x28
+digits from the student's one-step images, its hinge losses and its optimizer.
+
+Regression alone averages over what the teacher would draw for nearby noises, so one-step students come out soft;
+the adversarial term pushes each image back onto the data manifold while the regression keeps the same-noise
+correspondence (Diffusion2GAN, DMD2). The recipe is the stable one for small data: hinge loss, spectral norm on
+every layer, and the same random translation of real and fake inputs, which keeps a discriminator from memorising
+5,000 digits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..io.guards import require_finite
+from ..nets.classifier import random_shift
+from ..nets.discriminator import Discriminator
+
+
+def discriminator_hinge_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean()
+
+
+def generator_hinge_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    return -fake_scores.mean()
+
+
+def augment(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image integer translation, drawn from ``generator`` so a resumed epoch replays the same draws."""
+    return random_shift(x, max_shift, generator)
+
+
+class AdversarialTerm:
+    """Owns the discriminator, its optimizer and its data; one call per student step."""
+
+    def __init__(self, real_images: torch.Tensor, width: int, lr: float, max_shift: int, device):
+        self.real = real_images.to(device)
+        self.max_shift = max_shift
+        self.discriminator = Discriminator(width).to(device)
+        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.0, 0.99))
+
+    def _real_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, self.real.shape[0], (n,), generator=generator)
+        return self.real[idx.to(self.real.device)]
+
+    def discriminator_step(self, fake: torch.Tensor, generator: torch.Generator) -> float:
+        """One hinge step on a real batch and the student's (detached) images; returns the loss. A non-finite loss
+        stops the run before the step could make the discriminator's weights NaN."""
+        self.discriminator.train().requires_grad_(True)
+        real = augment(self._real_batch(fake.shape[0], generator), self.max_shift, generator)
+        fake = augment(fake.detach(), self.max_shift, generator)
+        loss = discriminator_hinge_loss(self.discriminator(real), self.discriminator(fake))
+        require_finite(loss, "the discriminator's loss", "stopped before its step; lower --disc_lr (or --adv_weight) "
+                       "and --resume from the last good checkpoint, or start again")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.item())
+
+    def generator_loss(self, fake: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The student's adversarial loss; gradients flow into the student only (the discriminator is frozen here)."""
+        self.discriminator.requires_grad_(False)
+        scores = self.discriminator(augment(fake, self.max_shift, generator))
+        return generator_hinge_loss(scores)
+
+    def state_dict(self) -> dict:
+        return {"model": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "width": self.discriminator.width}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.discriminator.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

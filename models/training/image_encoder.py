@@ -1,0 +1,149 @@
+"""Training the image encoder (models/nets/image_encoder.py): image -> the student's bottleneck for it, the
+reference-feature extractor learned from the student itself.
+
+DDIM inversion looks for an image's latent through the teacher, but the teacher's map from latent to image is
+close to many-to-one: even on its own images, 10-step inversion recovers the latent with a cosine of only 0.58
+(BENCHMARKS.md), so features read at an inverted latent drift away from the ones the student computed.
+The image encoder is trained on exactly the question reference features must answer: for every image the student
+generates from z, return the student's bottleneck at z (z is drawn fresh every step, and the student labels it),
+and extraction is then one encoder pass per image. The student's images are blurred, though, and real digits are
+sharp: trained on student images alone, the encoder maps real digits to features of 2.6x the norm of any
+bottleneck the student produces (BENCHMARKS.md), which the decoder cannot use. So part of each batch is the
+teacher's sharp image for a training pair's noise z, with the same target: the student's bottleneck at z.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion.noise import per_sample_noise
+from ..io.checkpoints import load_checkpoint
+from ..io.errors import PipelineError
+from ..io.files import atomic_save
+from ..io.progress import progress_bar
+from ..nets.image_encoder import ImageEncoder
+from ..nets.teacher import TeacherConfig
+from ..nets.unet import Unet, recalibrate_batchnorm
+from .optim import warmup_cosine
+
+NOISE_STREAM = 11  # the encoder's training latents: apart from the pairs' (0) and the consistency check's (2024)
+
+
+@dataclass
+class EncoderTrainOptions:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    save_every: int = 100
+    bn_samples: int = 1024
+    teacher_pairs_fraction: float = 0.5  # share of each batch from the training pairs' teacher images (0: none)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "save_every"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"--encoder_{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PipelineError(f"--encoder_lr must be a positive number, got {self.lr}")
+        if not 0 <= self.teacher_pairs_fraction <= 1:
+            raise PipelineError(f"--encoder_teacher_pairs_fraction must be in [0, 1], got {self.teacher_pairs_fraction}")
+
+    def pair_count(self, batch_size: int) -> int:
+        return int(round(batch_size * self.teacher_pairs_fraction))
+
+
+def _student_batch(decoder, seed: int, indices, device):
+    z = per_sample_noise(seed, indices, stream=NOISE_STREAM, device=device)
+    with torch.inference_mode():
+        images, h, _ = decoder.generate(z)
+    return images.float().clamp(-1, 1).clone(), h.float().clone()
+
+
+def _pairs_batch(decoder, pairs: dict, seed: int, step: int, count: int, device):
+    """``count`` training pairs drawn by (seed, step) alone: the teacher's images, the student's bottleneck at their
+    noise."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = torch.randint(len(pairs["images"]), (count,), generator=generator)
+    with torch.inference_mode():  # the target only: the student's bottleneck, not its image
+        h = decoder.bottleneck(pairs["noise"][idx].to(device))
+    return pairs["images"][idx].to(device).float().clamp(-1, 1), h.float().clone()
+
+
+def _mixed_batch(decoder, pairs, opts: EncoderTrainOptions, first: int, size: int, draw: int, device):
+    """``size`` images with their targets: student generations from latents (seed, first + i), then the share
+    ``opts.teacher_pairs_fraction`` of teacher images from the training pairs, drawn by (seed, draw)."""
+    n_pairs = opts.pair_count(size)
+    images, h = _student_batch(decoder, opts.seed, range(first, first + size - n_pairs), device)
+    if n_pairs:
+        pair_images, pair_h = _pairs_batch(decoder, pairs, opts.seed, draw, n_pairs, device)
+        images, h = torch.cat([images, pair_images]), torch.cat([h, pair_h])
+    return images, h
+
+
+def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device):
+    return _mixed_batch(decoder, pairs, opts, step * opts.batch_size, opts.batch_size, step, device)
+
+
+def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts: EncoderTrainOptions,
+                        state_dir: Path, device, pairs: dict | None = None) -> tuple[ImageEncoder, list[float]]:
+    """Fits the encoder to the student's (image, bottleneck) pairs, and with ``pairs`` (a training_data.pt) also
+    to (teacher image, student bottleneck at the pair's noise). Resumable bit-exactly from ``state_dir`` (step s
+    always draws latents (seed, s * batch_size + i) and pairs by (seed, s)); a finished encoder is kept there and
+    reused. Returns the encoder (eval mode, BatchNorm statistics recomputed) and the training losses of every step."""
+    opts.validate()
+    if pairs is None and opts.teacher_pairs_fraction > 0:
+        raise PipelineError("teacher_pairs_fraction > 0 needs the student's training pairs")
+    state_path, final_path = Path(state_dir) / "image_encoder_state.pt", Path(state_dir) / "image_encoder_final.pt"
+    torch.manual_seed(opts.seed)
+    encoder = ImageEncoder.from_teacher(teacher_unet, config).to(device)
+    if final_path.exists():
+        final = load_checkpoint(final_path, device, what="trained image encoder")
+        if final.get("options") == asdict(opts):
+            encoder.load_state_dict(final["model"])
+            return encoder.eval().requires_grad_(False), final["losses"]
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=opts.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.steps))
+    step, losses = 0, []
+    if state_path.exists():
+        state = load_checkpoint(state_path, device, what="image-encoder training state")
+        if state.get("options") != asdict(opts):
+            raise PipelineError(f"{state_path} was written with other encoder options; delete it to start over")
+        encoder.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, losses = int(state["step"]), list(state["losses"])
+    encoder.train()
+    bar = progress_bar(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
+    while step < opts.steps:
+        images, h = _training_batch(decoder, pairs, opts, step, device)
+        loss = F.mse_loss(encoder(images), h)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise PipelineError(f"image-encoder loss became {value} at step {step}; lower --encoder_lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if step % opts.save_every == 0 and step < opts.steps:
+            atomic_save({"step": step, "options": asdict(opts), "losses": losses, "model": encoder.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state_path)
+    bar.close()
+    # BatchNorm statistics of the final weights, over the training mixture (student images the training never drew)
+    offset = opts.steps * opts.batch_size
+    calibration, _ = _mixed_batch(decoder, pairs, opts, offset, opts.bn_samples, opts.steps, device)
+    recalibrate_batchnorm(encoder, calibration, opts.batch_size)
+    atomic_save({"options": asdict(opts), "losses": losses, "model": encoder.state_dict()}, final_path)
+    return encoder.eval().requires_grad_(False), losses
+
+
+def encoder_record(encoder: ImageEncoder, opts: EncoderTrainOptions) -> dict:
+    """What reference_features.pt keeps of the encoder, so notebooks can attribute images of their own."""
+    return {"model_args": encoder.config.to_dict(), "state_dict": encoder.state_dict(), "options": asdict(opts)}
