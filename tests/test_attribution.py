@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,3 +239,33 @@ def test_api_teacher_images_follow_the_students_pairs_sampler(tiny_pipeline):
     got = pipe.teacher_images(noise)
     assert torch.equal(got, dpmpp.sample(pipe.teacher.diffusion, noise))
     assert not torch.equal(got, SamplerConfig("ddim", 4).sample(pipe.teacher.diffusion, noise))
+
+
+def test_make_figures_draws_the_readme_pictures_from_the_given_pair(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    """bench/make_figures.py: teacher row over student row on the same noises, and one panel per hook on the same
+    noises; the baseline panel is the pipeline's own generation and every hook panel differs from it."""
+    from PIL import Image
+
+    from helpers import run_main_in_process
+    label = int(load_pt(tiny_pipeline.features)["labels"][0])
+    out = tmp_path / "figures"
+    code, stdout, err = run_main_in_process(
+        Path(__file__).resolve().parents[1] / "bench" / "make_figures.py", ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student,
+                                  "--ref_features_path", tiny_pipeline.features, "--n", 6, "--pairs", 4,
+                                  "--label", label, "--include", 0, 1, "--exclude", 2, "--output_dir", out, "--cpu"],
+        monkeypatch, capsys)
+    assert code == 0, err
+    assert Image.open(out / "student_vs_teacher.png").size == (4 * 30 + 2, 2 * 30 + 2)  # 2-pixel padding
+    pipe = DirectDecoderPipeline.load(tiny_pipeline.teacher, tiny_pipeline.student, tiny_pipeline.features, "cpu")
+    panels = {}
+    for name in ("baseline", "include", "exclude", f"class_{label}"):
+        panels[name] = torch.tensor(np.asarray(Image.open(out / f"hooks_{name}.png").convert("L")), dtype=torch.float)
+    baseline = pipe.generate(6, seed=0).images
+    first = panels["baseline"][2:30, 2:30] / 255 * 2 - 1
+    assert (first - baseline[0, 0]).abs().max() < 2 / 255 + 1e-6
+    for name in ("include", "exclude", f"class_{label}"):
+        assert (panels[name] - panels["baseline"]).abs().max() > 0, f"the {name} panel equals the baseline"
+    record = json.loads((out / "figures.json").read_text())
+    assert record["student"] == pipe.student.sha256 and set(record[f"share_classified_{label}"]) == {
+        "baseline", "include", "exclude", f"class_{label}"}
+    assert "make_figures:" in stdout

@@ -395,6 +395,8 @@ BENCH_MISSING_INPUT = {
     "bench_student_generalization.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT",
                                         "--cpu"],
     "eval_teacher.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "make_figures.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--ref_features_path", "MISSING",
+                        "--output_dir", "OUT", "--cpu"],
     "teacher_loss_by_t.py": ["MISSING", "--record", "OUT"],
     "teacher_manifest.py": ["--ckpt", "MISSING", "--eval", "MISSING", "--out", "OUT"],
 }

@@ -1,5 +1,5 @@
 """What the benches that measure a trained pipeline (teacher, student, reference features) share: their options and
-loading. Their records go through models.io.append_run_record."""
+loading. Their records go through models.io.records.append_run_record."""
 from ..api import DirectDecoderPipeline
 from ..io.cli import ArgumentParser, add_cpu_flag
 from ..io.device import pick_device
@@ -7,14 +7,16 @@ from ..io.paths import DEFAULT_CLASSIFIER
 from ..nets.classifier import load_classifier
 
 
-def pipeline_parser(doc: str, record: str, n: int = 256) -> ArgumentParser:
+def pipeline_parser(doc: str, record: str | None, n: int = 256) -> ArgumentParser:
+    """record: the default of --record (where results are appended); None for a bench that keeps no record."""
     p = ArgumentParser(description=doc)
     p.add_argument("--ddpm_ckpt", required=True, help="teacher checkpoint")
     p.add_argument("--decoder_ckpt", required=True, help="student checkpoint")
     p.add_argument("--ref_features_path", required=True, help="extract_reference_features.py output")
     p.add_argument("--n", type=int, default=n, help="generations")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier")
-    p.add_argument("--record", default=record, help="append results here")
+    if record is not None:
+        p.add_argument("--record", default=record, help="append results here")
     add_cpu_flag(p)
     return p
 

@@ -1,0 +1,51 @@
+"""The README's pictures from a teacher/student pair and its reference features, so they always show the shipped
+pair: teacher vs student on the same noises, and the hook panels (baseline, include, exclude, class) on one set of
+noises at one strength.
+
+    python bench/make_figures.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
+        --decoder_ckpt checkpoints/student_mnist5k.pt --ref_features_path FEATURES.pt --cpu
+"""
+from pathlib import Path
+
+import torch
+
+from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.io.errors import run_cli
+from models.io.files import atomic_write_json
+from models.io.images import save_image_grid
+
+
+@torch.inference_mode()
+def main():
+    p = pipeline_parser(__doc__, None, n=36)
+    p.add_argument("--output_dir", default="docs/figures", help="where the PNGs go")
+    p.add_argument("--strength", type=float, default=0.5, help="strength of every hook panel")
+    p.add_argument("--label", type=int, default=3, help="class of the class-hook panel")
+    p.add_argument("--include", type=int, nargs="+", default=list(range(10)), help="training images to include")
+    p.add_argument("--exclude", type=int, nargs="+", default=list(range(100, 110)), help="training images to exclude")
+    p.add_argument("--pairs", type=int, default=12, help="teacher/student columns in student_vs_teacher.png")
+    a = p.parse_args()
+    pipe, classifier = load_pipeline(a)
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    student = pipe.generate(a.pairs, seed=0)
+    teacher = pipe.teacher_images(student.noise).clamp(-1, 1)
+    save_image_grid(torch.cat([teacher, student.images]), out / "student_vs_teacher.png", nrow=a.pairs)
+
+    panels = {"baseline": None, "include": pipe.include(a.include, a.strength),
+              "exclude": pipe.exclude(a.exclude, a.strength), f"class_{a.label}": pipe.toward_class(a.label, a.strength)}
+    shares = {}
+    for name, hook in panels.items():
+        images = pipe.generate(a.n, seed=0, hook=hook).images
+        save_image_grid(images, out / f"hooks_{name}.png", nrow=6)
+        shares[name] = (classifier(images).argmax(1) == a.label).float().mean().item()
+    atomic_write_json({"teacher": pipe.teacher.sha256, "student": pipe.student.sha256, "features": a.ref_features_path,
+                       "n": a.n, "seed": 0, "strength": a.strength, "include": a.include, "exclude": a.exclude,
+                       f"share_classified_{a.label}": shares}, out / "figures.json")
+    print(f"make_figures: student_vs_teacher.png + {len(panels)} hook panels in {out}; class {a.label} share "
+          f"{shares['baseline']:.0%} baseline -> {shares[f'class_{a.label}']:.0%} with the hook at {a.strength}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
