@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test full verify clean-demo continue-student
+.PHONY: demo test full verify clean-demo continue-student notebook
 
 # The pinned requirements, then the package itself, editable (`import models` works from any directory: bench/,
 # examples/, a notebook).
@@ -26,6 +26,14 @@ test: $(VENV)/.installed
 
 verify: $(VENV)/.installed
 	$(PY) verify_models.py
+
+# Re-run the example notebook on the shipped pair and store its outputs (pictures inline, as GitHub shows them).
+NOTEBOOK := examples/direct_decoder_tour.ipynb
+notebook: $(VENV)/.installed
+	$(PY) -c "import nbclient, nbformat; from models.io.files import atomic_write_text; \
+		nb = nbformat.read('$(NOTEBOOK)', as_version=4); \
+		nbclient.NotebookClient(nb, timeout=1800, kernel_name='python3').execute(); \
+		atomic_write_text(nbformat.writes(nb), '$(NOTEBOOK)')"
 
 clean-demo:
 	rm -rf demo

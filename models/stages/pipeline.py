@@ -59,6 +59,7 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     train = StudentTrainOptions(ddpm_ckpt=teacher, data_path=str(out / "data" / "training_data.pt"),
                                 output_dir=str(out / "student"), epochs=p["epochs"], batch_size=p["train_batch"],
                                 lr=p["lr"], perceptual_weight=p["perceptual_weight"], classifier=classifier,
+                                class_weight=p.get("class_weight", 0.0), adv_weight=p.get("adv_weight", 0.0),
                                 val_fraction=p.get("val_fraction", 0.1), init_from=p.get("init_from", ""), cpu=cpu)
     feats = FeatureOptions(ddpm_ckpt=teacher, decoder_ckpt=str(out / "student" / "best_model.pt"),
                            batch_size=p["feature_batch"], output_path=str(out / "reference_features.pt"),
