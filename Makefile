@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test full verify clean-demo continue-student notebook
+.PHONY: demo test full verify clean-demo notebook
 
 # The pinned requirements, then the package itself, editable (`import models` works from any directory: bench/,
 # examples/, a notebook).
@@ -37,15 +37,3 @@ notebook: $(VENV)/.installed
 
 clean-demo:
 	rm -rf demo
-
-# The adversarial student run in progress (README "The student"): remakes its 12,000 pairs (deterministic; skipped
-# when they exist), restores its latest committed epoch checkpoint and continues it bit-exactly with --resume.
-ADV_PAIRS := runs/pairs_s11
-ADV_RUN := runs/student_adv
-continue-student: $(VENV)/.installed
-	$(PY) generate_training_data.py --n_samples 12000 --batch_size 100 --steps 25 --spacing leading --seed 11 \
-		--output_dir $(ADV_PAIRS) --cpu --channels_last
-	mkdir -p $(ADV_RUN) && cp -n resume/student_adv/ckpt_epoch_*.pt $(ADV_RUN)/
-	$(PY) train_direct_decoder.py --data_path $(ADV_PAIRS)/training_data.pt --init_from checkpoints/student_mnist5k.pt \
-		--output_dir $(ADV_RUN) --epochs 30 --batch_size 64 --lr 1e-4 --adv_weight 2.0 --adv_real dataset \
-		--class_weight 0.05 --cpu --resume

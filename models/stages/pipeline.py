@@ -25,12 +25,13 @@ from .generate import GenerateOptions, generate_training_data
 STAGES = ("generate", "train", "extract", "attribute")
 PRESETS = {
     # The first command: minutes on a 2-core CPU even on a slow day (measured in README). It continues the shipped
-    # student (distilled from the shipped teacher in 50 CPU minutes) on pairs of a seed it never saw (8: it trained
-    # on seeds 0-2), so its evaluation is held out and its pictures are the shipped student's quality. Its pairs come
-    # from the teacher sampler (K, spacing) the shipped student learned, read from its checkpoint.
+    # student on pairs of a seed it never saw (8: it trained on seeds 0-2 and 11), with its last leg's losses
+    # (adversarial share 2.0, class 0.05, no perceptual term) at that leg's lr, so its evaluation is held out and its
+    # pictures are the shipped student's quality. Its pairs come from the teacher sampler (K, spacing) the shipped
+    # student learned, read from its checkpoint.
     "demo": {"n_pairs": 1200, "pairs_seed": 8, "init_from": DEFAULT_STUDENT,
-             "gen_batch": 250, "gen_channels_last": True, "epochs": 3, "train_batch": 32, "lr": 3e-4,
-             "val_fraction": 0.2, "perceptual_weight": 0.05,
+             "gen_batch": 250, "gen_channels_last": True, "epochs": 3, "train_batch": 32, "lr": 1e-4,
+             "val_fraction": 0.2, "perceptual_weight": 0.0, "class_weight": 0.05, "adv_weight": 2.0,
              "encoder_steps": 300, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # The same, but distilling a new student from the teacher alone (about 15 min on a 2-core CPU). At about the
     # same training time, 2,000 pairs in batches of 32 beat 1,000 in batches of 64 (class agreement 53% vs 44%);
