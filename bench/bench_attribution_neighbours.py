@@ -2,7 +2,9 @@
 classifier's label of a generation vs its nearest training image's label) under several neighbour rules, on all
 generations and on those the classifier is confident about (>= 0.9). Beside it, the same rule on images that are not
 the student's: the teacher's DDIM images of the same noises (through the stored image encoder), and the training
-images themselves, each against all the others (leave-one-out, against its own label).
+images themselves, each against all the others (leave-one-out, against its own label). "Re-encoded" reads the
+generated image back through the image encoder, so generation and training images reach the bottleneck space by the
+same path.
 
     python bench/bench_attribution_neighbours.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
         --decoder_ckpt checkpoints/student_mnist5k.pt --ref_features_path FEATURES/reference_features.pt --cpu
@@ -49,6 +51,8 @@ def main():
     rules = {"bottleneck cosine (shipped)": nearest_by_cosine(out.features, ref),
              "bottleneck cosine, centred": nearest_by_cosine(out.features - mean, ref - mean),
              "bottleneck L2": nearest_by_l2(out.features, ref),
+             # the generated image read back by the image encoder: the same path as the reference images took
+             "bottleneck cosine, re-encoded": pipe.attribute_images(out.images, 1)[2][:, 0],
              "pixel cosine (shipped baseline)": nearest_by_cosine(out.images, real),
              "pixel L2": nearest_by_l2(out.images, real)}
     result = {"n": a.n, "confident_share": confident.float().mean().item(), "top1_agreement": {}}
