@@ -5,13 +5,11 @@ noises at one strength.
     python bench/make_figures.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
         --decoder_ckpt checkpoints/student_mnist5k.pt --ref_features_path FEATURES.pt --cpu
 """
-from pathlib import Path
-
 import torch
 
 from models.evaluation.bench_common import load_pipeline, pipeline_parser
 from models.io.errors import run_cli
-from models.io.files import atomic_write_json
+from models.io.files import atomic_write_json, prepare_output_dir
 from models.io.images import save_image_grid
 
 
@@ -26,8 +24,7 @@ def main():
     p.add_argument("--pairs", type=int, default=12, help="teacher/student columns in student_vs_teacher.png")
     a = p.parse_args()
     pipe, classifier = load_pipeline(a)
-    out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(a.output_dir)
 
     student = pipe.generate(a.pairs, seed=0)
     teacher = pipe.teacher_images(student.noise).clamp(-1, 1)
