@@ -10,7 +10,9 @@ def build_parser() -> ArgumentParser:
     d = StudentTrainOptions()
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", default=d.ddpm_ckpt, help="teacher checkpoint the training data came from")
-    p.add_argument("--data_path", default=d.data_path, help="training_data.pt from generate_training_data.py")
+    p.add_argument("--data_path", nargs="+", default=d.data_path,
+                   help="training_data.pt from generate_training_data.py; several files (one teacher and sampler, "
+                        "distinct seeds) are merged into OUTPUT_DIR/training_data.pt")
     p.add_argument("--output_dir", default=d.output_dir,
                    help="ckpt_epoch_XXX.pt, best_model.pt, samples_epoch_XXX.png, stats.jsonl, loss.png")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training pairs")
@@ -66,6 +68,9 @@ def build_parser() -> ArgumentParser:
                         "e.g. an earlier checkpoint of --ddpm_ckpt: a warm start for a retrained teacher, cheaper "
                         "than distilling from it; the earlier teacher's sha256 is recorded (default: off, such a "
                         "student is refused)")
+    p.add_argument("--fresh_discriminator", action="store_true",
+                   help="with --init_from and --adv_weight: start a new discriminator (default: off, the init "
+                        "checkpoint's discriminator and its optimizer continue when it has one)")
     p.add_argument("--no_evaluate", dest="evaluate", action="store_false",
                    help="skip the evaluation (evaluation.json) at the end")
     p.add_argument("--evaluate_only", metavar="CKPT", default="",

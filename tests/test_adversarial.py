@@ -160,3 +160,30 @@ def test_student_quality_bench_reports_the_audit_figures(tiny_student, tiny_teac
     assert {k: v for k, v in rows[0].items() if "speedup" not in k} == \
         {k: v for k, v in rows[1].items() if "speedup" not in k}  # deterministic apart from timing
     assert "audit FD" in out
+
+
+def _disc_weights(ckpt: dict) -> dict:
+    """Learned tensors only (spectral norm's power-iteration vectors _u/_v move on every forward pass)."""
+    return {k: v for k, v in ckpt["discriminator"]["model"].items() if not k.endswith(("._u", "._v"))}
+
+
+def test_init_from_continues_the_discriminator(adversarial_run, tiny_teacher_ckpt, tiny_pairs, tmp_path, train):
+    """A new adversarial leg keeps the init checkpoint's discriminator (a fresh one made the student worse every
+    epoch); --fresh_discriminator starts a new one; each leg records which."""
+    init = load_pt(adversarial_run / "best_model.pt")
+    leg = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--init_from", adversarial_run / "best_model.pt",
+           "--epochs", "1", "--batch_size", "8", "--lr", "1e-12", "--disc_lr", "1e-12", "--cpu", "--no_evaluate",
+           "--adv_weight", "0.1"]
+    for name, extra in (("kept", []), ("fresh", ["--fresh_discriminator"])):
+        code, _, err = train(*leg, "--disc_width", "8", *extra, "--output_dir", tmp_path / name)
+        assert code == 0, err[-3000:]
+    kept, fresh = load_pt(tmp_path / "kept" / "ckpt_epoch_001.pt"), load_pt(tmp_path / "fresh" / "ckpt_epoch_001.pt")
+    assert kept["config"]["init_from"]["discriminator"] == "continued"
+    assert fresh["config"]["init_from"]["discriminator"] == "fresh"
+    before = _disc_weights(init)
+    for key, weight in _disc_weights(kept).items():  # disc_lr 1e-12: still the init's discriminator
+        assert torch.allclose(weight, before[key], atol=1e-6), key
+    assert any((weight - before[key]).abs().max() > 1e-3 for key, weight in _disc_weights(fresh).items())
+    # Another width cannot continue it: one line, exit 1.
+    code, _, err = train(*leg, "--disc_width", "16", "--output_dir", tmp_path / "wide")
+    assert code == 1 and "--fresh_discriminator" in one_error_line(err, allow_progress=True)

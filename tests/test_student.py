@@ -267,7 +267,7 @@ def test_init_from_continues_a_finished_student(tiny_student, tiny_teacher_ckpt,
     assert (fresh["model"][name] - cont["model"][name]).abs().max() > 1e-4
     record = json.loads((tmp_path / "leg" / "training_options.json").read_text())["init_from"]
     assert record == {"path": str(tiny_student), "sha256": sha256(tiny_student), "epochs_before": 2,
-                      "teacher_sha256": sha256(tiny_teacher_ckpt)}
+                      "teacher_sha256": sha256(tiny_teacher_ckpt), "discriminator": "none"}
     assert cont["config"]["init_from"]["epochs_before"] == 2
 
 
@@ -434,3 +434,61 @@ def test_batchnorm_recalibration_gives_exact_statistics():
     per_batch = torch.stack([act[i:i + 8].transpose(0, 1).flatten(1).var(1) for i in (0, 8, 16)]).mean(0)
     torch.testing.assert_close(model[1].running_var, per_batch)
     assert not model.training and model[1].momentum == 0.1
+
+
+# ---------------------------------------------------------------- more pairs than one generation run
+
+@pytest.fixture(scope="module")
+def more_pairs(tiny_teacher_ckpt, tmp_path_factory, script):
+    """Pairs of a new noise seed (1), and pairs that reuse the tiny pairs' seed (0) with another count."""
+    made = {}
+    for name, seed, n in (("seed1", 1, 24), ("seed0_again", 0, 24)):
+        out = tmp_path_factory.mktemp(name)
+        proc = script("generate_training_data.py", "--ckpt", tiny_teacher_ckpt, "--output_dir", out, "--n_samples", n,
+                      "--batch_size", 8, "--steps", 5, "--spacing", "leading", "--seed", seed, "--cpu")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        made[name] = out / "training_data.pt"
+    return made
+
+
+def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pairs, more_pairs, tmp_path, train):
+    out = tmp_path / "run"
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, more_pairs["seed1"],
+                         "--output_dir", out, "--epochs", "1", "--batch_size", "8", "--cpu", "--no_evaluate")
+    assert code == 0, err[-3000:]
+    merged, first, second = load_pt(out / "training_data.pt"), load_pt(tiny_pairs), load_pt(more_pairs["seed1"])
+    assert merged["n_samples"] == 64 and merged["kind"] == "training_pairs"
+    assert torch.equal(merged["noise"], torch.cat([first["noise"], second["noise"]]))
+    assert torch.equal(merged["images"], torch.cat([first["images"], second["images"]]))
+    assert [(s["sha256"], s["seed"], s["n"]) for s in merged["metadata"]["merged_from"]] == [
+        (sha256(tiny_pairs), 0, 40), (sha256(more_pairs["seed1"]), 1, 24)]
+    ckpt = load_pt(out / "ckpt_epoch_001.pt")
+    assert ckpt["training_data"]["path"] == str(out / "training_data.pt")
+    assert ckpt["training_data"]["sha256"] == sha256(out / "training_data.pt")
+    assert ckpt["config"]["n_pairs"] == 64
+    # Files that would hold the same noises twice are refused in one line, and nothing is merged.
+    for name, files, message in (("same_seed", [tiny_pairs, more_pairs["seed0_again"]], "share noise seed 0"),
+                                 ("twice", [tiny_pairs, tiny_pairs], "same pairs file twice")):
+        code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", *files, "--output_dir", tmp_path / name,
+                             "--epochs", "1", "--cpu", "--no_evaluate")
+        assert code == 1 and message in one_error_line(err), err[-2000:]
+        assert not (tmp_path / name / "training_data.pt").exists()
+
+
+def test_evaluation_holds_out_every_pair_of_a_new_seed(tiny_teacher_ckpt, tiny_student, tiny_pairs, more_pairs,
+                                                       tmp_path, train):
+    """Pairs of a seed the student never saw are all held out; pairs that share its noises are refused."""
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", more_pairs["seed1"], "--output_dir",
+                         tmp_path / "new", "--evaluate_only", tiny_student, "--cpu")
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "new" / "evaluation.json").read_text())
+    assert report["n_val"] == 24 and report["held_out"].startswith("all pairs")
+    assert report["training_data"]["is_the_students"] is False
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--output_dir",
+                         tmp_path / "own", "--evaluate_only", tiny_student, "--cpu")
+    assert code == 0, err[-3000:]
+    own = json.loads((tmp_path / "own" / "evaluation.json").read_text())
+    assert own["n_val"] == 4 and own["held_out"].startswith("validation split")
+    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", more_pairs["seed0_again"], "--output_dir",
+                         tmp_path / "shared", "--evaluate_only", tiny_student, "--cpu")
+    assert code == 1 and "shares noises" in one_error_line(err, allow_progress=True)

@@ -6,10 +6,11 @@ import time
 import torch
 
 from ..data.datasets import load_dataset
-from ..data.pairs import load_training_pairs, student_split
+from ..data.pairs import load_training_pairs, noise_seeds, student_split, trained_on
 from ..diffusion.noise import per_sample_noise
 from ..diffusion.sampling import DEFAULT_DDIM_STEPS, DEFAULT_SPACING, SamplerConfig, teacher_sample
 from ..io.device import pick_device
+from ..io.errors import PipelineError
 from ..io.files import atomic_write_json, sha256_file
 from ..io.paths import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER
 from ..io.records import software_versions
@@ -58,7 +59,7 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     teacher, student = load_teacher_and_student(ddpm_ckpt, decoder_ckpt, device)
     data = load_training_pairs(data_path)
     data_sha256 = sha256_file(data_path)
-    val_idx = torch.as_tensor(_val_indices(student.checkpoint, data["noise"].shape[0]))
+    val_idx, held_out = _held_out_indices(student.checkpoint, data, data_sha256, data_path)
     noise, teacher_images = data["noise"][val_idx].to(device), data["images"][val_idx].to(device)
     student_images = _batched(lambda z: student.decoder(z).float().clamp(-1, 1), noise, batch_size)
     real = shuffled_real_images(evaluation_source(teacher.checkpoint.get("data_source")), n_real).to(device)
@@ -71,7 +72,7 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     student_ips = images_per_second(student.decoder, z)
     unet_evals_per_s = images_per_second(lambda x: teacher.diffusion.predict_noise(x, t_mid), z)
     report = {
-        "n_val": int(len(val_idx)),
+        "n_val": int(len(val_idx)), "held_out": held_out,
         "val_mse_to_teacher": torch.mean((student_images - teacher_images) ** 2).item(),
         **scores,
         "training_data": {"path": str(data_path), "sha256": data_sha256,
@@ -141,6 +142,21 @@ def _confident_summary(report: dict) -> str:
 def _val_indices(student_ckpt: dict, n: int) -> list[int]:
     opts = student_ckpt["config"]["options"]
     return student_split(n, opts["val_fraction"], opts["seed"])[1].tolist()
+
+
+def _held_out_indices(student_ckpt: dict, data: dict, data_sha256: str, data_path) -> tuple[torch.Tensor, str]:
+    """The pairs the student never trained on: the validation split of its own pairs file, or every pair of a file
+    with a noise seed it never saw (noise i depends only on (seed, i)). A file that shares noises with the student's
+    training pairs without being that file is refused: its pairs would be partly seen, partly not."""
+    n = data["noise"].shape[0]
+    record = student_ckpt.get("training_data") or {}
+    if data_sha256 == record.get("sha256"):
+        return torch.as_tensor(_val_indices(student_ckpt, n)), "validation split of the student's pairs"
+    if data_sha256 in trained_on(student_ckpt) or noise_seeds(data.get("metadata", {})) & noise_seeds(
+            record.get("metadata", {})):
+        raise PipelineError(f"{data_path} shares noises with the pairs this student trained on; evaluate it on "
+                            f"its own training data ({record.get('path')}) or on pairs of a new --seed")
+    return torch.arange(n), "all pairs (a noise seed the student never trained on)"
 
 
 def evaluation_source(teacher_source: str | None) -> str:

@@ -101,7 +101,8 @@ def build_command(stage: str, options: dict, workdir: Path, served: dict[str, st
         action = known[name]
         given.add(action.dest)
         if action.dest in PATH_OPTIONS:
-            value = str(confine(value, workdir, name))
+            value = ([str(confine(v, workdir, name)) for v in value] if isinstance(value, list)
+                     else str(confine(value, workdir, name)))
         args += _flag_value(name, action, value)
     for dest, role in SERVED_PATHS.items():
         flags = [f for f, a in known.items() if a.dest == dest]

@@ -67,6 +67,9 @@ class AdversarialTerm:
         return {"model": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "width": self.discriminator.width}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, lr: float | None = None) -> None:
+        """Weights and Adam moments; ``lr`` replaces the saved learning rate (a new leg's --disc_lr)."""
         self.discriminator.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups if lr is not None else []:
+            group["lr"] = lr
