@@ -21,6 +21,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--strength", type=float, nargs="+", default=d.strength,
                    help="hook strength in [0, 1]; several values make a sweep (the first names the main PNGs)")
     p.add_argument("--top_k", type=int, default=d.top_k, help="training images reported per generation")
+    p.add_argument("--attribute_by", choices=["bottleneck", "image"], default=d.attribute_by,
+                   help="place each generation among the training images by the bottleneck features that made it, "
+                        "or by its image read back through the reference features' image encoder (the path the "
+                        "training images took)")
     p.add_argument("--seed", type=int, default=d.seed, help="noise of sample i depends only on (seed, i)")
     p.add_argument("--n_eval", type=int, default=d.n_eval, help="generations per strength in the evaluation")
     p.add_argument("--no_evaluate", dest="evaluate", action="store_false",

@@ -2,11 +2,14 @@
 seen it): Fréchet distance ratio, k-NN precision / recall beside the teacher's, class agreement, and the one-step
 speed-up over the teacher's default sampler.
 
-Every student is evaluated on the same pairs file (its validation split: pairs no student here trained on when the
-file's seed is new to all of them), so the rows of one run compare directly.
+Every student is evaluated on the same pairs file, so the rows of one run compare directly: give it pairs of a noise
+seed none of them trained on (generate_training_data.py --seed S) and all of its pairs are held out; a student's own
+pairs file gives its validation split; a file that shares noises with a student's training pairs is refused.
 
+    python generate_training_data.py --ckpt checkpoints/teacher_mnist5k.pt --n_samples 1200 --steps 25 \
+        --spacing leading --seed 99 --output_dir HELDOUT --cpu
     python bench/bench_student_quality.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
-        --data_path PAIRS/training_data.pt --students checkpoints/student_mnist5k.pt OUT/best_model.pt --cpu
+        --data_path HELDOUT/training_data.pt --students checkpoints/student_mnist5k.pt OUT/best_model.pt --cpu
 """
 import tempfile
 from pathlib import Path
@@ -42,8 +45,9 @@ def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ddpm_ckpt", required=True, help="teacher checkpoint (the students' teacher)")
     p.add_argument("--data_path", required=True,
-                   help="training_data.pt whose validation split (by each student's recorded seed and fraction) "
-                        "holds the held-out noises and the teacher's images of them")
+                   help="training_data.pt holding the held-out noises and the teacher's images of them: pairs of a "
+                        "noise seed no student here trained on (all held out), or a student's own (its validation "
+                        "split)")
     p.add_argument("--students", nargs="+", required=True, help="student checkpoints to compare")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project classifier (reported beside the audit)")
     p.add_argument("--record", default="bench/results/student_quality.jsonl", help="append one row per student here")

@@ -18,7 +18,6 @@ from .diffusion.sampling import SamplerConfig
 from .io.device import pick_device
 from .io.errors import PipelineError
 from .io.guards import require_finite
-from .nets.image_encoder import load_image_encoder
 from .nets.student import load_teacher_and_student
 from .stages.features import check_feature_pairing, load_reference_features
 from .steering.hooks import Hook
@@ -39,7 +38,6 @@ class DirectDecoderPipeline:
     def __init__(self, teacher, student, reference: Optional[dict], device):
         self.teacher, self.student, self.reference, self.device = teacher, student, reference, device
         self.steering = Steering(student.decoder, reference, device) if reference is not None else None
-        self._encoder = None
 
     @classmethod
     def load(cls, teacher_path: str, decoder_path: str, features_path: Optional[str] = None,
@@ -77,14 +75,17 @@ class DirectDecoderPipeline:
 
     @torch.inference_mode()
     def generate(self, n: int = 16, seed: int = 0, hook: Optional[Hook] = None, top_k: int = 5,
-                 noise: Optional[torch.Tensor] = None) -> Generation:
+                 noise: Optional[torch.Tensor] = None, attribute_by: str = "bottleneck") -> Generation:
+        """``attribute_by``: place each generation among the training images by the bottleneck features that made
+        it, or by its image read back through the image encoder ("image")."""
         z = self.noise(n, seed) if noise is None else noise.to(self.device)
         images, _, feats = self.student.decoder.generate(z, hook)
         require_finite(images, "the student's output", "its weights are finite (checked at load), so this noise or "
                        "hook made it overflow")
         result = Generation(z, images.float().clamp(-1, 1), feats)
         if self.steering is not None:
-            result.top_k_scores, result.top_k_indices, result.top_k_labels = self.steering.attribute(feats, top_k)
+            result.top_k_scores, result.top_k_indices, result.top_k_labels = self.steering.attribute_generation(
+                result.images, feats, top_k, attribute_by)
         return result
 
     @torch.inference_mode()
@@ -92,13 +93,7 @@ class DirectDecoderPipeline:
         """Training images nearest to any images of yours (e.g. the teacher's), through the image encoder stored in
         the reference features: (features, top-k scores, indices, labels)."""
         steering = self._need_reference()
-        record = self.reference.get("image_encoder")
-        if record is None:
-            raise PipelineError("these reference features were extracted by DDIM inversion and carry no image "
-                                "encoder; re-extract with --method image_encoder")
-        if self._encoder is None:
-            self._encoder = load_image_encoder(record, self.device)
-        feats = self._encoder(images.to(self.device).float())
+        feats = steering.encode_images(images)
         return (feats, *steering.attribute(feats, top_k))
 
     def teacher_images(self, noise: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:

@@ -161,14 +161,42 @@ def test_report(attr_run):
     assert 0 <= r["baseline_share_target_class"] <= 1
     for key in ("baseline_include_similarity", "baseline_exclude_similarity"):
         assert math.isfinite(r[key]) and -1 - 1e-6 <= r[key] <= 1 + 1e-6
-    agreement = r["attribution_label_agreement"]
-    assert set(agreement) == {"bottleneck", "pixel_nn_baseline"}
-    for method in agreement.values():
-        assert set(method) == {"top1", "top5_majority"}
-        assert all(0 <= v <= 1 for v in method.values())
+    assert r["attribute_by"] == "bottleneck"
+    for key in ("attribution_label_agreement", "attribution_label_agreement_audit"):
+        agreement = r[key]
+        assert set(agreement) == {"bottleneck", "image", "pixel_nn_baseline"}
+        for method in agreement.values():
+            assert set(method) == {"top1", "top5_majority"}
+            assert all(0 <= v <= 1 for v in method.values())
     # every reference image is a 0, so the neighbours' labels agree exactly when the classifier says 0
-    assert agreement["bottleneck"]["top1"] == pytest.approx(r["baseline_share_target_class"])
+    agreement = r["attribution_label_agreement"]
+    for rule in ("bottleneck", "image"):
+        assert agreement[rule]["top1"] == pytest.approx(r["baseline_share_target_class"])
     assert agreement["pixel_nn_baseline"]["top5_majority"] == pytest.approx(r["baseline_share_target_class"])
+
+
+def test_attribute_by_image_re_encodes_the_generation(attr_run, tiny_pipeline, random_ref, tmp_path, script):
+    """--attribute_by image: each generation's top-k are the training images nearest its image read back by the
+    features' image encoder; features without an encoder are refused in one line before any output."""
+    out = tmp_path / "by_image"
+    common = ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student, "--n_samples", N_SAMPLES,
+              "--top_k", TOP_K, "--target_class", TARGET, "--strength", STRENGTHS[0], "--no_evaluate", "--cpu"]
+    proc = script("attribution_generation.py", *common, "--ref_features_path", random_ref[0], "--output_dir", out,
+                  "--attribute_by", "image")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = load_pt(out / "attribution_results.pt")["runs"]["baseline"]
+    pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student), str(random_ref[0]),
+                                      device="cpu")
+    _, expected = top_k_similar(pipe.steering.encode_images(base["images"]), random_ref[1]["features"], TOP_K)
+    assert torch.equal(base["top_k_indices"], expected)
+    assert not torch.equal(base["top_k_indices"], attr_run["results"]["runs"]["baseline"]["top_k_indices"])
+    no_encoder = dict(random_ref[1])
+    no_encoder.pop("image_encoder")
+    torch.save(no_encoder, tmp_path / "inverted.pt")
+    proc = script("attribution_generation.py", *common, "--ref_features_path", tmp_path / "inverted.pt",
+                  "--output_dir", tmp_path / "refused", "--attribute_by", "image")
+    assert proc.returncode == 1 and "carry no image encoder" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "refused" / "attribution_results.pt").exists()
 
 
 # ---------------------------------------------------------------- top_k_similar

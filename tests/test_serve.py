@@ -107,7 +107,23 @@ def test_top_k_zero_and_training_images(server):
     assert listing["total"] == 120 and [t["index"] for t in listing["items"]] == list(range(100, 120))
 
 
+def test_attribute_by_image_is_the_pipelines_re_encoded_rule(server):
+    """attribute_by "image" reports the training images nearest the generated image read back by the image encoder:
+    the pipeline's own answer, and not the bottleneck rule's."""
+    client, _, tiny = server
+    pipe = DirectDecoderPipeline.load(str(tiny.teacher), str(tiny.student), str(tiny.features), device="cpu")
+    body = client.post("/v1/generate", json={"n": 8, "seed": 5, "top_k": 3, "attribute_by": "image"}).json()
+    expected = pipe.generate(8, seed=5, top_k=3, attribute_by="image")
+    by_bottleneck = pipe.generate(8, seed=5, top_k=3)
+    got = [[t["index"] for t in item["top_k"]] for item in body["images"]]
+    assert got == expected.top_k_indices.tolist()
+    assert got != by_bottleneck.top_k_indices.tolist()
+    encoded = pipe.steering.encode_images(expected.images)
+    assert torch.equal(expected.top_k_indices, pipe.steering.attribute(encoded, 3)[1])
+
+
 BAD_GENERATE = [
+    ({"attribute_by": "pixels"}, "attribute_by: Input should be 'bottleneck' or 'image'"),
     ({"n": 0}, "n: Input should be greater than or equal to 1"),
     ({"n": 65}, "n: Input should be less than or equal to 64"),
     ({"n": "4"}, "n: Input should be a valid integer"),

@@ -453,8 +453,12 @@ def more_pairs(tiny_teacher_ckpt, tmp_path_factory, script):
 
 def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pairs, more_pairs, tmp_path, train):
     out = tmp_path / "run"
-    code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, more_pairs["seed1"],
-                         "--output_dir", out, "--epochs", "1", "--batch_size", "8", "--cpu", "--no_evaluate")
+    args = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, more_pairs["seed1"], "--output_dir", out,
+            "--epochs", "1", "--batch_size", "8", "--cpu", "--no_evaluate"]
+    code, stdout, err = train(*args, "--dry-run")
+    assert code == 0, err[-3000:]
+    assert json.loads(stdout)["n_pairs"] == 64 and not out.exists()
+    code, _, err = train(*args)
     assert code == 0, err[-3000:]
     merged, first, second = load_pt(out / "training_data.pt"), load_pt(tiny_pairs), load_pt(more_pairs["seed1"])
     assert merged["n_samples"] == 64 and merged["kind"] == "training_pairs"

@@ -35,16 +35,22 @@ def student_split(n: int, val_fraction: float, seed: int):
 
 def merge_training_pairs(paths: list[str | Path], out_path: str | Path) -> Path:
     """Several pairs files of one teacher and sampler as one training_data.pt, for a student trained on more pairs
-    than one generation run made. Files of the same noise seed are refused: noise i depends only on (seed, i), so
-    they would hold the same noises twice. An existing merge of the same files (by sha256) is reused."""
+    than one generation run made. An existing merge of the same files (by sha256) is reused."""
     out_path = Path(out_path)
+    if out_path.is_file():
+        previous = load_checkpoint(out_path, "cpu", what="merged training data").get("metadata", {})
+        if [s["sha256"] for s in previous.get("merged_from", [])] == [sha256_file(p) for p in paths]:
+            return out_path
+    atomic_save(combine_training_pairs(paths), out_path)
+    return out_path
+
+
+def combine_training_pairs(paths: list[str | Path]) -> dict:
+    """The pairs of several files in order, refused unless one teacher and one sampler made them all from distinct
+    noise seeds (noise i depends only on (seed, i): files of one seed hold the same noises twice)."""
     sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
     if len({s["sha256"] for s in sources}) < len(sources):
         raise PipelineError(f"--data_path names the same pairs file twice ({', '.join(map(str, paths))})")
-    if out_path.is_file():
-        previous = load_checkpoint(out_path, "cpu", what="merged training data").get("metadata", {})
-        if [s["sha256"] for s in previous.get("merged_from", [])] == [s["sha256"] for s in sources]:
-            return out_path
     datas = [load_training_pairs(p) for p in paths]
     first = datas[0]["metadata"]
     sampler = SamplerConfig.from_metadata(first).to_dict()
@@ -64,11 +70,9 @@ def merge_training_pairs(paths: list[str | Path], out_path: str | Path) -> Path:
         source.update(n=int(data["noise"].shape[0]), seed=meta.get("seed"))
     metadata = {k: v for k, v in first.items() if k not in ("seed", "identity", "pairs_generated_this_run",
                                                             "generation_wall_s")}
-    merged = {"kind": "training_pairs", "noise": torch.cat([d["noise"] for d in datas]),
-              "images": torch.cat([d["images"] for d in datas]), "n_samples": sum(s["n"] for s in sources),
-              "metadata": metadata | {"merged_from": sources}}
-    atomic_save(merged, out_path)
-    return out_path
+    return {"kind": "training_pairs", "noise": torch.cat([d["noise"] for d in datas]),
+            "images": torch.cat([d["images"] for d in datas]), "n_samples": sum(s["n"] for s in sources),
+            "metadata": metadata | {"merged_from": sources}}
 
 
 def trained_on(student_checkpoint: dict) -> set[str]:

@@ -14,7 +14,7 @@ from ..io.files import atomic_write_json
 from ..io.records import software_versions
 from ..nets.classifier import load_classifier
 from ..steering.search import top_k_similar
-from ..steering.steering import Steering
+from ..steering.steering import ATTRIBUTE_BY, Steering
 from .plots import save_figure
 
 SWEEP = [round(0.1 * i, 1) for i in range(1, 11)]
@@ -72,19 +72,25 @@ def evaluate_steering(steer: Steering, dataset, opts, device, path: Path) -> dic
         report["include_similarity"].append(sim_to(cls_features(imgs), inc_t))
         imgs, _ = steer.generate(z, steer.exclude(opts.exclude, s))
         report["exclude_similarity"].append(sim_to(cls_features(imgs), exc_t))
-    _, idx, labels = steer.attribute(base_feats, 5)
-    _, pix_idx = top_k_similar(base_images.cpu(), ref_images, 5)
-    pix_labels = steer.labels[pix_idx]
+    neighbour_labels = {by: steer.attribute_generation(base_images, base_feats, 5, by)[2] for by in ATTRIBUTE_BY
+                        if by == "bottleneck" or steer.ref.get("image_encoder") is not None}
+    neighbour_labels["pixel_nn_baseline"] = steer.labels[top_k_similar(base_images.cpu(), ref_images, 5)[1]]
 
-    def agreement(lbls):
-        top1 = (lbls[:, 0] == base_pred).float().mean().item()
+    def agreement(lbls, generation_label):
+        top1 = (lbls[:, 0] == generation_label).float().mean().item()
         vote = torch.tensor([Counter(row.tolist()).most_common(1)[0][0] for row in lbls])
-        return {"top1": top1, "top5_majority": (vote == base_pred).float().mean().item()}
+        return {"top1": top1, "top5_majority": (vote == generation_label).float().mean().item()}
 
-    report["attribution_label_agreement"] = {"bottleneck": agreement(labels), "pixel_nn_baseline": agreement(pix_labels)}
+    audit_pred = audit(base_images).argmax(1).cpu()
+    report["attribute_by"] = opts.attribute_by
+    report["attribution_label_agreement"] = {k: agreement(v, base_pred) for k, v in neighbour_labels.items()}
+    report["attribution_label_agreement_audit"] = {k: agreement(v, audit_pred) for k, v in neighbour_labels.items()}
     report["note"] = ("similarities are cosine similarities in the project classifier's feature space (independent "
                       "of the bottleneck the hooks act on); attribution is nearest-neighbour similarity in the "
-                      "bottleneck, not causal influence")
+                      "bottleneck, not causal influence; label agreement is a generation's label (by the project "
+                      "classifier, and by the audit classifier, which no loss has seen) against its nearest "
+                      "training images' labels, with the generation placed by its bottleneck features "
+                      "('bottleneck') or by its image re-encoded ('image')")
     report["versions"] = software_versions()
     atomic_write_json(report, path)
     _print_report(report)
@@ -99,7 +105,6 @@ def _print_report(r: dict) -> None:
     for s, c, ca, i, e in zip(r["strengths"], r["class_hook_success"], r["class_hook_success_audit"],
                               r["include_similarity"], r["exclude_similarity"]):
         print(f"{s:>8} {c:>16.2%} {ca:>8.1%} {i:>10.3f} {e:>10.3f}")
-    a = r["attribution_label_agreement"]
-    print(f"attribution label agreement: bottleneck top-1 {a['bottleneck']['top1']:.1%}, top-5 majority "
-          f"{a['bottleneck']['top5_majority']:.1%}; pixel-NN baseline top-1 {a['pixel_nn_baseline']['top1']:.1%}, "
-          f"top-5 majority {a['pixel_nn_baseline']['top5_majority']:.1%}")
+    for key, judge in (("attribution_label_agreement", "project"), ("attribution_label_agreement_audit", "audit")):
+        rules = ", ".join(f"{name} {v['top1']:.1%}" for name, v in r[key].items())
+        print(f"attribution top-1 label agreement ({judge} classifier's labels): {rules}")

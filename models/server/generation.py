@@ -62,11 +62,15 @@ class GenerateRequest(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="noise of image i depends only on (seed, i)")
     hooks: list[HookSpec] = Field(default_factory=list, max_length=MAX_HOOKS, description="applied in order")
     top_k: int = Field(5, ge=0, le=MAX_TOP_K, description="training images reported per generation (0: none)")
+    attribute_by: Literal["bottleneck", "image"] = Field(
+        "bottleneck", description="place each generation among the training images by its bottleneck features, or "
+                                  "by its image read back through the reference features' image encoder")
     raw: bool = Field(False, description="also return the images as float32 (base64, little-endian, [n,1,28,28])")
 
 
 class HookRequestError(PipelineError):
-    """A hook whose values the hook constructors refuse: 422 with their message."""
+    """A request the pipeline refuses (a hook's values, an attribution rule these features cannot serve): 422 with
+    the pipeline's message."""
 
 
 def _b64(data: bytes) -> str:
@@ -102,9 +106,15 @@ class GenerationService:
 
     def generate(self, request: GenerateRequest) -> dict:
         hook = self.build_hook(request.hooks)
+        if request.attribute_by == "image" and request.top_k > 0:
+            try:
+                self.pipe.steering.require_image_encoder()
+            except PipelineError as err:
+                raise HookRequestError(f"attribute_by image: {str(err).replace('--', '')}") from err
         start = time.perf_counter()
         with self._lock:
-            out = self.pipe.generate(request.n, request.seed, hook, top_k=request.top_k)
+            out = self.pipe.generate(request.n, request.seed, hook, top_k=request.top_k,
+                                     attribute_by=request.attribute_by)
         images = out.images.cpu()
         items = []
         for i in range(request.n):

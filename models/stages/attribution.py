@@ -22,7 +22,7 @@ from ..io.files import atomic_save, prepare_output_dir
 from ..io.images import save_image_grid
 from ..io.paths import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER
 from ..nets.student import load_teacher_and_student
-from ..steering.steering import Steering
+from ..steering.steering import ATTRIBUTE_BY, Steering
 from .features import check_feature_pairing, load_reference_features
 
 
@@ -43,6 +43,7 @@ class AttributionOptions:
     n_eval: int = 256
     classifier: str = DEFAULT_CLASSIFIER
     audit_classifier: str = AUDIT_CLASSIFIER  # the class-hook success once more, by a network no loss has seen
+    attribute_by: str = "bottleneck"  # or "image": the generation re-encoded by the features' image encoder
     cpu: bool = False
 
 
@@ -51,6 +52,8 @@ def _validate(opts: AttributionOptions) -> None:
         raise PipelineError(f"--n_samples must be positive, got {opts.n_samples}")
     if opts.top_k <= 0:
         raise PipelineError(f"--top_k must be positive, got {opts.top_k}")
+    if opts.attribute_by not in ATTRIBUTE_BY:
+        raise PipelineError(f"--attribute_by must be one of {', '.join(ATTRIBUTE_BY)}, got {opts.attribute_by!r}")
     for s in opts.strength:
         if not math.isfinite(s) or not 0 <= s <= 1:
             raise PipelineError(f"--strength values must be finite numbers in [0, 1], got {s}")
@@ -64,6 +67,8 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
     ref = load_reference_features(opts.ref_features_path, device)
     check_feature_pairing(ref, teacher.sha256, student.sha256, opts.ref_features_path)
     steer = Steering(student.decoder, ref, device)
+    if opts.attribute_by == "image":
+        steer.require_image_encoder()
     s0 = opts.strength[0]
     hooks = {"baseline": None, "include": steer.include(opts.include, s0), "exclude": steer.exclude(opts.exclude, s0),
              f"class_{opts.target_class}": steer.toward_class(opts.target_class, s0)}
@@ -90,7 +95,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
             if name == "baseline" and s != s0:
                 continue
             images, feats = steer.generate(z, hook)
-            scores, idx, labels = steer.attribute(feats, opts.top_k)
+            scores, idx, labels = steer.attribute_generation(images, feats, opts.top_k, opts.attribute_by)
             key = name if name == "baseline" else f"{name}@{s}"
             results["runs"][key] = {"images": images.cpu(), "features": feats.cpu(), "top_k_scores": scores,
                                     "top_k_indices": idx, "top_k_labels": labels,

@@ -23,6 +23,7 @@ from .features import FeatureOptions, extract_reference_features
 from .generate import GenerateOptions, generate_training_data
 
 STAGES = ("generate", "train", "extract", "attribute")
+RULE_NAMES = {"bottleneck": "bottleneck features", "image": "image re-encoded", "pixel_nn_baseline": "pixel baseline"}
 PRESETS = {
     # The first command: minutes on a 2-core CPU even on a slow day (measured in README). It continues the shipped
     # student on pairs of a seed it never saw (8: it trained on seeds 0-2 and 11), with its last leg's losses
@@ -185,11 +186,10 @@ def write_report(out: Path, preset: str, settings: dict, teacher: str, state: di
         lines += [f"| {s} | {c:.1%} | {ca:.1%} | {i:.3f} | {e:.3f} |" for s, c, ca, i, e in
                   zip(attr["strengths"], attr["class_hook_success"], attr["class_hook_success_audit"],
                       attr["include_similarity"], attr["exclude_similarity"])]
-        a = attr["attribution_label_agreement"]
-        lines += ["", f"Attribution label agreement (the classifier's label of a generation vs its nearest training "
-                      f"images' labels): bottleneck top-1 {a['bottleneck']['top1']:.1%}, top-5 majority "
-                      f"{a['bottleneck']['top5_majority']:.1%}; pixel nearest-neighbour baseline top-1 "
-                      f"{a['pixel_nn_baseline']['top1']:.1%}.", ""]
+        a = attr["attribution_label_agreement_audit"]
+        rules = "; ".join(f"{RULE_NAMES[k]} top-1 {v['top1']:.1%}" for k, v in a.items())
+        lines += ["", f"Attribution label agreement (the audit classifier's label of a generation vs its nearest "
+                      f"training image's label): {rules}.", ""]
     lines += ["## Attribution", "", "Each generation beside its most similar training images (cosine similarity "
               "in the bottleneck, label y). Similarity is not causal influence.", "",
               "![attribution grid](attribution/attribution_grid.png)", ""]
