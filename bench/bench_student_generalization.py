@@ -2,7 +2,8 @@
 on against pairs it held out, from the same seed and split.
 
 The pairs are regenerated from what the student's checkpoint records (seed, sampler, K, spacing, split): per-sample
-seeding makes pair i the same whatever else is generated. If agreement on the training pairs is far above the held-out
+seeding makes pair i the same whatever else is generated. A student trained on several merged files has each pair
+regenerated from its own file's seed. If agreement on the training pairs is far above the held-out
 one, more pairs are the lever; if both are low, the student's map (capacity, optimisation) is.
 
     python bench/bench_student_generalization.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
@@ -26,10 +27,28 @@ from models.nets.classifier import load_classifier
 from models.nets.student import load_teacher_and_student
 
 
-def agreement_on(indices, seed, sampler, teacher, student, classifier, device, desc, batch_size=250) -> dict:
+def noise_sources(meta: dict, n_pairs: int) -> list[tuple[int, int, int]]:
+    """(seed, first merged index, pairs) of each file behind the student's pairs (one row for an unmerged file)."""
+    if "merged_from" not in meta:
+        return [(int(meta["seed"]), 0, n_pairs)]
+    rows, start = [], 0
+    for source in meta["merged_from"]:
+        rows.append((int(source["seed"]), start, int(source["n"])))
+        start += int(source["n"])
+    return rows
+
+
+def seeded_batches(indices, sources, batch_size):
+    """Merged indices as (seed, indices within that seed's file) batches."""
+    for seed, start, n in sources:
+        local = [i - start for i in indices if start <= i < start + n]
+        for lo in range(0, len(local), batch_size):
+            yield seed, local[lo:lo + batch_size]
+
+
+def agreement_on(indices, sources, sampler, teacher, student, classifier, device, desc, batch_size=250) -> dict:
     agree, confident, mse = [], [], []
-    for lo in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch"):
-        idx = indices[lo:lo + batch_size]
+    for seed, idx in tqdm(list(seeded_batches(indices, sources, batch_size)), desc=desc, unit="batch"):
         z = per_sample_noise(seed, idx, device=device)
         with torch.no_grad():
             target = sampler.sample(teacher.diffusion, z, seed=seed, indices=idx)
@@ -67,11 +86,12 @@ def main():
     n = min(a.n, len(val_idx))
     classifier = load_classifier(a.classifier, device)
     start = time.perf_counter()
-    sides = {name: agreement_on(sorted(int(i) for i in idx[:n]), int(meta["seed"]), sampler, teacher, student,
+    sources = noise_sources(meta, n_pairs)
+    sides = {name: agreement_on(sorted(int(i) for i in idx[:n]), sources, sampler, teacher, student,
                                 classifier, device, name)
              for name, idx in (("trained_on", train_idx), ("held_out", val_idx))}
     result = {"teacher_sha256": teacher.sha256, "student": a.decoder_ckpt, "student_sha256": student.sha256,
-              "pairs_seed": int(meta["seed"]), "n_pairs": n_pairs, "sampler": sampler.to_dict(),
+              "pairs_seeds": [seed for seed, _, _ in sources], "n_pairs": n_pairs, "sampler": sampler.to_dict(),
               "epochs_on_these_pairs": int(student.checkpoint.get("epoch", 0)),
               "continued_from": (config.get("init_from") or {}).get("path"), **sides,
               "seconds": round(time.perf_counter() - start, 1)}

@@ -16,6 +16,7 @@ import torch
 import models.evaluation.evaluate
 from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, sha256,
                      start_logged, use_cached_mnist5k)
+from models.data.pairs import student_split
 from models.diffusion.noise import per_sample_noise
 from models.io.errors import PipelineError
 from models.io.paths import AUDIT_CLASSIFIER
@@ -451,7 +452,8 @@ def more_pairs(tiny_teacher_ckpt, tmp_path_factory, script):
     return made
 
 
-def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pairs, more_pairs, tmp_path, train):
+def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pairs, more_pairs, tmp_path, train,
+                                                    script):
     out = tmp_path / "run"
     args = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, more_pairs["seed1"], "--output_dir", out,
             "--epochs", "1", "--batch_size", "8", "--cpu", "--no_evaluate"]
@@ -470,6 +472,20 @@ def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pair
     assert ckpt["training_data"]["path"] == str(out / "training_data.pt")
     assert ckpt["training_data"]["sha256"] == sha256(out / "training_data.pt")
     assert ckpt["config"]["n_pairs"] == 64
+    # The generalization bench regenerates each merged pair from its own file's seed: its trained-on MSE is the MSE
+    # to the merged file's teacher images at the same indices.
+    proc = script("bench/bench_student_generalization.py", "--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt",
+                  out / "ckpt_epoch_001.pt", "--n", 6, "--record", tmp_path / "gen.jsonl", "--cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "gen.jsonl").read_text().splitlines()[-1])
+    assert record["pairs_seeds"] == [0, 1]
+    idx = sorted(int(i) for i in student_split(64, 0.1, 0)[0][:6])  # 6: as many as the validation split holds
+    assert max(idx) >= 40, "the check must cover the second file"
+    student = load_student(out / "ckpt_epoch_001.pt").decoder
+    with torch.no_grad():
+        pred = student(merged["noise"][idx]).float().clamp(-1, 1)
+    assert record["trained_on"]["mse_to_teacher"] == pytest.approx(
+        ((pred - merged["images"][idx]) ** 2).mean().item(), rel=1e-4)
     # Files that would hold the same noises twice are refused in one line, and nothing is merged.
     for name, files, message in (("same_seed", [tiny_pairs, more_pairs["seed0_again"]], "share noise seed 0"),
                                  ("twice", [tiny_pairs, tiny_pairs], "same pairs file twice")):
