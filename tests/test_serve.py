@@ -122,6 +122,22 @@ def test_attribute_by_image_is_the_pipelines_re_encoded_rule(server):
     assert torch.equal(expected.top_k_indices, pipe.steering.attribute(encoded, 3)[1])
 
 
+def test_attribute_by_image_without_an_image_encoder_is_a_422(server, tmp_path):
+    """Features extracted by DDIM inversion carry no image encoder: asking to attribute by the image is refused in
+    one line (422), whatever top_k, instead of failing inside the pipeline."""
+    _, _, tiny = server
+    pipe = DirectDecoderPipeline.load(str(tiny.teacher), str(tiny.student), str(tiny.features), device="cpu")
+    pipe.reference.pop("image_encoder")
+    workdir = tmp_path / "work"
+    jobs = JobManager(workdir, {"teacher": str(tiny.teacher), "student": str(tiny.student),
+                                "features": str(tiny.features)})
+    with TestClient(create_app(GenerationService(pipe), jobs, {})) as client:
+        for top_k in (0, 3):
+            r = client.post("/v1/generate", json={"n": 2, "top_k": top_k, "attribute_by": "image"})
+            assert r.status_code == 422 and "carry no image encoder" in r.json()["detail"], r.text
+        assert client.post("/v1/generate", json={"n": 2, "top_k": 3}).status_code == 200
+
+
 BAD_GENERATE = [
     ({"attribute_by": "pixels"}, "attribute_by: Input should be 'bottleneck' or 'image'"),
     ({"n": 0}, "n: Input should be greater than or equal to 1"),

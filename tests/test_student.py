@@ -492,7 +492,7 @@ def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pair
         code, _, err = train("--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", *files, "--output_dir", tmp_path / name,
                              "--epochs", "1", "--cpu", "--no_evaluate")
         assert code == 1 and message in one_error_line(err), err[-2000:]
-        assert not (tmp_path / name / "training_data.pt").exists()
+        assert not (tmp_path / name).exists(), "refused before the output directory is made"
 
 
 def test_evaluation_holds_out_every_pair_of_a_new_seed(tiny_teacher_ckpt, tiny_student, tiny_pairs, more_pairs,

@@ -9,7 +9,7 @@ import torch
 from ..diffusion.sampling import SamplerConfig
 from ..io.checkpoints import load_checkpoint
 from ..io.errors import PipelineError
-from ..io.files import atomic_save, sha256_file
+from ..io.files import sha256_file
 from ..io.guards import require_finite_rows
 from .datasets import split_indices
 
@@ -33,16 +33,13 @@ def student_split(n: int, val_fraction: float, seed: int):
     return train_idx, val_idx
 
 
-def merge_training_pairs(paths: list[str | Path], out_path: str | Path) -> Path:
-    """Several pairs files of one teacher and sampler as one training_data.pt, for a student trained on more pairs
-    than one generation run made. An existing merge of the same files (by sha256) is reused."""
-    out_path = Path(out_path)
-    if out_path.is_file():
-        previous = load_checkpoint(out_path, "cpu", what="merged training data").get("metadata", {})
-        if [s["sha256"] for s in previous.get("merged_from", [])] == [sha256_file(p) for p in paths]:
-            return out_path
-    atomic_save(combine_training_pairs(paths), out_path)
-    return out_path
+def read_merged_pairs(paths: list[str | Path], merged_path: Path) -> dict | None:
+    """The pairs of ``merged_path`` if it is a merge of exactly these files (by sha256), so a rerun reuses it."""
+    if not merged_path.is_file():
+        return None
+    data = load_training_pairs(merged_path)
+    recorded = [s["sha256"] for s in data.get("metadata", {}).get("merged_from", [])]
+    return data if recorded == [sha256_file(p) for p in paths] else None
 
 
 def combine_training_pairs(paths: list[str | Path]) -> dict:

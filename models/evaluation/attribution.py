@@ -73,7 +73,7 @@ def evaluate_steering(steer: Steering, dataset, opts, device, path: Path) -> dic
         imgs, _ = steer.generate(z, steer.exclude(opts.exclude, s))
         report["exclude_similarity"].append(sim_to(cls_features(imgs), exc_t))
     neighbour_labels = {by: steer.attribute_generation(base_images, base_feats, 5, by)[2] for by in ATTRIBUTE_BY
-                        if by == "bottleneck" or steer.ref.get("image_encoder") is not None}
+                        if by == "bottleneck" or steer.has_image_encoder}
     neighbour_labels["pixel_nn_baseline"] = steer.labels[top_k_similar(base_images.cpu(), ref_images, 5)[1]]
 
     def agreement(lbls, generation_label):

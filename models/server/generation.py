@@ -106,7 +106,7 @@ class GenerationService:
 
     def generate(self, request: GenerateRequest) -> dict:
         hook = self.build_hook(request.hooks)
-        if request.attribute_by == "image" and request.top_k > 0:
+        if request.attribute_by == "image":
             try:
                 self.pipe.steering.require_image_encoder()
             except PipelineError as err:

@@ -28,8 +28,8 @@ PRESETS = {
     # The first command: minutes on a 2-core CPU even on a slow day (measured in README). It continues the shipped
     # student on pairs of a seed it never saw (8: it trained on seeds 0-2 and 11-14), with its last leg's losses
     # (adversarial share 2.0, class 0.05, no perceptual term) at that leg's lr and its discriminator, so its
-    # evaluation is held out and its pictures are the shipped student's quality. Its pairs come from the teacher sampler (K, spacing) the shipped
-    # student learned, read from its checkpoint.
+    # evaluation is held out and its pictures are the shipped student's quality. Its pairs come from the teacher
+    # sampler (K, spacing) the shipped student learned, read from its checkpoint.
     "demo": {"n_pairs": 1200, "pairs_seed": 8, "init_from": DEFAULT_STUDENT,
              "gen_batch": 250, "gen_channels_last": True, "epochs": 3, "train_batch": 32, "lr": 1e-4,
              "val_fraction": 0.2, "perceptual_weight": 0.0, "class_weight": 0.05, "adv_weight": 2.0,

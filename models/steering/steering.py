@@ -68,8 +68,12 @@ class Steering:
         scores, idx = top_k_similar(features, self.features, k)
         return scores.cpu(), idx.cpu(), self.labels[idx.cpu()]
 
+    @property
+    def has_image_encoder(self) -> bool:
+        return self.ref.get("image_encoder") is not None
+
     def require_image_encoder(self) -> None:
-        if self.ref.get("image_encoder") is None:
+        if not self.has_image_encoder:
             raise PipelineError("these reference features were extracted by DDIM inversion and carry no image "
                                 "encoder; re-extract with --method image_encoder, or attribute by the bottleneck")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from ..data.pairs import combine_training_pairs, load_training_pairs, merge_training_pairs, student_split
+from ..data.pairs import combine_training_pairs, load_training_pairs, read_merged_pairs, student_split
 from ..diffusion.sampling import autocast_for, configure_precision
 from ..evaluation.plots import plot_metric_curves
 from ..io.checkpoints import load_checkpoint
@@ -141,17 +141,25 @@ def _load_init(opts: StudentTrainOptions, teacher, device):
     return init
 
 
+def _data_paths(opts: StudentTrainOptions) -> list[str]:
+    return [opts.data_path] if isinstance(opts.data_path, str) else list(opts.data_path)
+
+
 def _pairs(opts: StudentTrainOptions, dry_run: bool) -> tuple[Path, dict]:
     """The one pairs file to train on and its pairs: --data_path itself, or several merged into
-    OUTPUT_DIR/training_data.pt (combined in memory only by --dry-run)."""
-    paths = [opts.data_path] if isinstance(opts.data_path, str) else list(opts.data_path)
-    merged = Path(opts.output_dir) / "training_data.pt"
+    OUTPUT_DIR/training_data.pt (checked and combined before anything is written; not written by --dry-run; an
+    earlier merge of the same files is reused)."""
+    paths = _data_paths(opts)
     if len(paths) == 1:
         return Path(paths[0]), load_training_pairs(paths[0])
-    if dry_run:
-        return merged, combine_training_pairs(paths)
-    prepare_output_dir(opts.output_dir)
-    return merge_training_pairs(paths, merged), load_training_pairs(merged)
+    merged = Path(opts.output_dir) / "training_data.pt"
+    data = read_merged_pairs(paths, merged)
+    if data is None:
+        data = combine_training_pairs(paths)
+        if not dry_run:
+            prepare_output_dir(opts.output_dir)
+            atomic_save(data, merged)
+    return merged, data
 
 
 def _init_discriminator(opts: StudentTrainOptions, init) -> str:
@@ -402,7 +410,7 @@ def evaluate_only(opts: StudentTrainOptions, decoder_ckpt: str, dry_run: bool = 
     out = Path(opts.output_dir)
     if out.exists() and not out.is_dir():
         raise PipelineError(f"output directory {out} exists and is a file; choose another --output_dir")
-    paths = [opts.data_path] if isinstance(opts.data_path, str) else list(opts.data_path)
+    paths = _data_paths(opts)
     if len(paths) != 1:
         raise PipelineError("--evaluate_only reads one pairs file; for a student trained on several, pass the "
                             "merged OUTPUT_DIR/training_data.pt it was trained on")
