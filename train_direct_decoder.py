@@ -57,6 +57,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--skips", choices=["zero", "keep"], default=d.skips,
                    help="zero: the decoder reads only the bottleneck, so hooks there steer the whole image; keep: "
                         "the teacher's skip connections (closer to the teacher, but hooks barely steer)")
+    p.add_argument("--global_context", choices=["none", "attention"], default=d.global_context,
+                   help="attention: self-attention over the deepest features before the mid block, so one pass sees "
+                        "the whole noise; added to an --init_from student as an identity that training then grows")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=d.precision,
                    help="GPU arithmetic (ignored on CPU, which always runs fp32)")
     p.add_argument("--init_from", metavar="CKPT", default=d.init_from,

@@ -130,6 +130,24 @@ def test_zero_skips_make_the_output_a_function_of_the_bottleneck(upstream_teache
         DirectDecoder(teacher.config, skips="some")
 
 
+def test_global_attention_starts_as_identity_and_keeps_the_image_a_function_of_the_bottleneck(
+        upstream_teacher_model_weights):
+    teacher = upstream_teacher_model_weights
+    plain = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config).eval()
+    attn = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, global_context="attention").eval()
+    assert attn.model_args["global_context"] == "attention" and plain.context is None
+    z1, z2 = per_sample_noise(1, range(2)), per_sample_noise(2, range(2))
+    with torch.no_grad():
+        assert torch.equal(attn(z1), plain(z1))  # zero output projection: an identity until trained
+        torch.manual_seed(0)
+        attn.context.proj.weight.normal_(0, 0.05)
+        assert (attn.bottleneck(z1) - plain.bottleneck(z1)).abs().max() > 1e-3  # the block is on the encoder path
+        h2 = attn.bottleneck(z2)
+        assert torch.equal(attn(z1, hook=lambda h: h2), attn(z2))  # still decided by the bottleneck alone
+    with pytest.raises(PipelineError, match="global_context"):
+        DirectDecoder(teacher.config, global_context="everything")
+
+
 def test_checkpoints_without_skips_record_load_with_the_teachers_skips(tiny_student, tmp_path):
     old = load_pt(tiny_student)
     old["model_args"].pop("skips")  # as written before the option existed
@@ -268,8 +286,40 @@ def test_init_from_continues_a_finished_student(tiny_student, tiny_teacher_ckpt,
     assert (fresh["model"][name] - cont["model"][name]).abs().max() > 1e-4
     record = json.loads((tmp_path / "leg" / "training_options.json").read_text())["init_from"]
     assert record == {"path": str(tiny_student), "sha256": sha256(tiny_student), "epochs_before": 2,
-                      "teacher_sha256": sha256(tiny_teacher_ckpt), "discriminator": "none"}
+                      "teacher_sha256": sha256(tiny_teacher_ckpt), "discriminator": "none",
+                      "global_context": None}
     assert cont["config"]["init_from"]["epochs_before"] == 2
+
+
+def test_init_from_adds_global_attention_as_an_identity(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path,
+                                                        train):
+    """--global_context attention on a student without it: the leg starts from exactly the student's function,
+    the block is saved, recorded, and rebuilt by load_student from the checkpoint alone."""
+    leg = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--epochs", 1, "--batch_size", 8, "--lr",
+           "1e-12", "--cpu", "--no_evaluate", "--init_from", tiny_student]
+    code, _, err = train(*leg, "--output_dir", tmp_path / "leg", "--global_context", "attention")
+    assert code == 0, err[-3000:]
+    cont = load_pt(tmp_path / "leg" / "ckpt_epoch_001.pt")
+    assert cont["model_args"]["global_context"] == "attention"
+    assert {k for k in cont["model"] if k.startswith("context.")} >= {"context.qkv.weight", "context.proj.weight"}
+    assert cont["config"]["init_from"]["global_context"] == "added"
+    before, after = load_student(tiny_student).decoder, load_student(tmp_path / "leg" / "ckpt_epoch_001.pt").decoder
+    assert before.context is None and after.context is not None
+    init = load_pt(tiny_student)["model"]
+    for name, weight in init.items():  # lr 1e-12: the student's weights stay, and the block stays the identity
+        if "running_" not in name and weight.is_floating_point():
+            assert torch.allclose(cont["model"][name], weight, atol=1e-6), name
+    assert cont["model"]["context.proj.weight"].abs().max() < 1e-6
+    after.context.proj.weight.zero_(), after.context.proj.bias.zero_()
+    z = per_sample_noise(3, range(4))
+    with torch.no_grad():  # an identity block: the same bottleneck as the encoder without it
+        assert torch.equal(after.bottleneck(z), after.unet.encode(z, after._timestep(z))[0])
+    # A student that has the block keeps it when continued without the flag.
+    code, out, err = train(*leg[:-1], tmp_path / "leg" / "ckpt_epoch_001.pt", "--output_dir", tmp_path / "again")
+    assert code == 0, err[-3000:]
+    again = load_pt(tmp_path / "again" / "ckpt_epoch_001.pt")
+    assert again["model_args"]["global_context"] == "attention"
+    assert again["config"]["init_from"]["global_context"] == "continued"
 
 
 def test_init_from_another_teachers_student_is_refused(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path,

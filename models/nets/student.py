@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..io.checkpoints import load_checkpoint
@@ -24,6 +27,33 @@ STUDENT_FIX = "pass a checkpoint written by train_direct_decoder.py (e.g. direct
 
 
 SKIP_MODES = ("zero", "keep")
+GLOBAL_CONTEXT = ("none", "attention")
+
+
+class GlobalAttention(nn.Module):
+    """Self-attention over every position of the deepest features, before the mid block.
+
+    The teacher decides which digit a noise becomes over many steps, each a fresh pass that lets distant pixels
+    interact; one pass of its convolutions sees a field whose effective size is a fraction of the image. This
+    block lets every position read the whole noise at once. Its output projection starts at zero, so a student
+    gains it as an identity and keeps everything it learned; it sits in the encoder, so the image stays a
+    function of the bottleneck alone.
+    """
+
+    def __init__(self, channels: int, heads: int = 4):
+        super().__init__()
+        self.heads = next(h for h in (heads, 2, 1) if channels % h == 0)
+        self.norm = nn.GroupNorm(math.gcd(8, channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (n, heads, h*w, c/heads)
+        return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
 
 
 class DirectDecoder(nn.Module):
@@ -32,20 +62,27 @@ class DirectDecoder(nn.Module):
     With ``"keep"`` (the teacher's wiring) the 28x28 and 14x14 skips carry most of the content past the
     bottleneck, and bottleneck hooks barely move the output (measured in BENCHMARKS.md)."""
 
-    def __init__(self, teacher_config: TeacherConfig, input_timestep: Optional[int] = None, skips: str = "zero"):
+    def __init__(self, teacher_config: TeacherConfig, input_timestep: Optional[int] = None, skips: str = "zero",
+                 global_context: str = "none"):
         super().__init__()
         if skips not in SKIP_MODES:
             raise PipelineError(f"skips must be one of {SKIP_MODES}, got {skips!r}")
+        if global_context not in GLOBAL_CONTEXT:
+            raise PipelineError(f"global_context must be one of {GLOBAL_CONTEXT}, got {global_context!r}")
         c = teacher_config
         self.teacher_config = c
         self.skips = skips
+        self.global_context = global_context
         self.input_timestep = c.timesteps - 1 if input_timestep is None else int(input_timestep)
         self.unet = Unet(c.timesteps, c.time_embedding_dim, c.in_channels, c.in_channels, c.base_dim,
                          list(c.dim_mults))
+        # the student's only module outside the teacher's format; absent unless asked for
+        self.context = GlobalAttention(c.base_dim * c.dim_mults[-1]) if global_context == "attention" else None
 
     @property
     def model_args(self) -> dict:
-        return {"teacher": self.teacher_config.to_dict(), "input_timestep": self.input_timestep, "skips": self.skips}
+        return {"teacher": self.teacher_config.to_dict(), "input_timestep": self.input_timestep, "skips": self.skips,
+                "global_context": self.global_context}
 
     @property
     def bottleneck_shape(self) -> tuple[int, int, int]:
@@ -55,7 +92,7 @@ class DirectDecoder(nn.Module):
         return torch.full((z.shape[0],), self.input_timestep, device=z.device, dtype=torch.long)
 
     def _encode(self, z: torch.Tensor):
-        h, shortcuts, t_emb = self.unet.encode(z, self._timestep(z))
+        h, shortcuts, t_emb = self.unet.encode(z, self._timestep(z), self.context)
         if self.skips == "zero":
             shortcuts = self._zero_skips(h)
         return h, shortcuts, t_emb
@@ -77,7 +114,7 @@ class DirectDecoder(nn.Module):
 
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         """The features hooks act on (before any hook), e.g. to build reference features."""
-        return self.unet.encode(z, self._timestep(z))[0]
+        return self.unet.encode(z, self._timestep(z), self.context)[0]
 
     def generate(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None):
         """Image plus the bottleneck before and after the hook, from one encoder pass."""
@@ -86,8 +123,9 @@ class DirectDecoder(nn.Module):
         return self.unet.decode(steered, shortcuts, t_emb), h, steered
 
     @classmethod
-    def from_teacher(cls, teacher_unet: Unet, teacher_config: TeacherConfig, skips: str = "zero") -> "DirectDecoder":
-        student = cls(teacher_config, skips=skips)
+    def from_teacher(cls, teacher_unet: Unet, teacher_config: TeacherConfig, skips: str = "zero",
+                     global_context: str = "none") -> "DirectDecoder":
+        student = cls(teacher_config, skips=skips, global_context=global_context)
         student.unet.load_state_dict(teacher_unet.state_dict())
         return student
 
@@ -109,7 +147,8 @@ def load_student(path: str | Path, device="cpu", use_ema: bool = True) -> Loaded
         raise PipelineError(f"{path} is {what}, not a direct-decoder checkpoint; {STUDENT_FIX}")
     args = ckpt["model_args"]
     # checkpoints from before the skips option kept the teacher's skip connections
-    decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"], args.get("skips", "keep"))
+    decoder = DirectDecoder(TeacherConfig(**args["teacher"]), args["input_timestep"], args.get("skips", "keep"),
+                            args.get("global_context", "none"))
     state, weights = inference_weights(ckpt, use_ema)
     require_finite_checkpoint(state, path, "direct-decoder checkpoint", weights)
     load_strict(decoder, state, path, "its recorded architecture")

@@ -149,14 +149,17 @@ class Unet(nn.Module):
                                        ResidualBottleneck(deepest, deepest // 2))
         self.final_conv = nn.Conv2d(channels[0][0] // 2, out_channels, kernel_size=1)
 
-    def encode(self, x, t=None):
-        """Returns the bottleneck features and the skip connections the decoder needs."""
+    def encode(self, x, t=None, before_mid: Optional[nn.Module] = None):
+        """Returns the bottleneck features and the skip connections the decoder needs. ``before_mid``: an extra
+        module (not part of the upstream format) applied to the deepest features before the mid block."""
         t_emb = None if t is None else self.time_embedding(t)
         x = self.init_conv(x)
         shortcuts = []
         for block in self.encoder_blocks:
             x, shortcut = block(x, t_emb)
             shortcuts.append(shortcut)
+        if before_mid is not None:
+            x = before_mid(x)
         return self.mid_block(x), shortcuts, t_emb
 
     def decode(self, h, shortcuts, t_emb=None):

@@ -26,7 +26,7 @@ from ..io.progress import progress_bar
 from ..io.records import software_versions
 from ..io.teacher_checkpoints import (checkpoint_to_resume, load_teacher, require_finite_checkpoint,
                                       restore_training_state)
-from ..nets.student import SKIP_MODES, DirectDecoder, load_student
+from ..nets.student import GLOBAL_CONTEXT, SKIP_MODES, DirectDecoder, load_student
 from ..nets.unet import recalibrate_batchnorm
 from .optim import warmup_cosine
 
@@ -64,6 +64,7 @@ class StudentTrainOptions:
     n_preview: int = 8
     seed: int = 0
     skips: str = "zero"         # "zero": the decoder reads only the bottleneck; "keep": the teacher's skips
+    global_context: str = "none"  # "attention": self-attention over the deepest features before the mid block
     precision: str = "bf16"     # CUDA only
     cpu: bool = False
     evaluate: bool = True
@@ -94,6 +95,8 @@ def _validate(opts: StudentTrainOptions) -> None:
             raise PipelineError(f"--{name} must be a positive number, got {getattr(opts, name)}")
     if opts.skips not in SKIP_MODES:
         raise PipelineError(f"--skips must be one of {SKIP_MODES}, got {opts.skips!r}")
+    if opts.global_context not in GLOBAL_CONTEXT:
+        raise PipelineError(f"--global_context must be one of {GLOBAL_CONTEXT}, got {opts.global_context!r}")
     if opts.loss not in LOSSES:
         raise PipelineError(f"--loss must be one of {LOSSES}, got {opts.loss!r}")
     if not (0 <= opts.perceptual_weight < math.inf):
@@ -139,6 +142,27 @@ def _load_init(opts: StudentTrainOptions, teacher, device):
                             f"({init.decoder.teacher_config.to_dict()}) than --ddpm_ckpt {opts.ddpm_ckpt} "
                             f"({teacher.config.to_dict()}); a warm start needs the same one")
     return init
+
+
+def _init_context(opts: StudentTrainOptions, init) -> str | None:
+    """"added" when --global_context joins a student that had none: it starts as an identity (zero output
+    projection), so the continued student begins exactly where --init_from ended."""
+    if opts.global_context == "none":
+        return None
+    return "continued" if init.decoder.global_context == opts.global_context else "added"
+
+
+def _load_init_weights(student: DirectDecoder, ema: AveragedModel, init, context_added: bool) -> None:
+    if not context_added:
+        student.load_state_dict(init.checkpoint["model"])
+        ema.load_state_dict(init.checkpoint["model_ema"])
+        return
+    for module, state, prefix in ((student, init.checkpoint["model"], "context."),
+                                  (ema, init.checkpoint["model_ema"], "module.context.")):
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected or any(not key.startswith(prefix) for key in missing):
+            raise PipelineError(f"--init_from {init.path}: weights do not match the student's architecture "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _data_paths(opts: StudentTrainOptions) -> list[str]:
@@ -258,6 +282,9 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     if init is not None and init.decoder.skips != opts.skips:
         print(f"--init_from {init.path} has skips={init.decoder.skips!r}; its architecture overrides --skips")
         opts = replace(opts, skips=init.decoder.skips)
+    if init is not None and init.decoder.global_context != "none" and opts.global_context == "none":
+        print(f"--init_from {init.path} has global_context={init.decoder.global_context!r}; kept")
+        opts = replace(opts, global_context=init.decoder.global_context)
     train_idx, val_idx = student_split(n, opts.val_fraction, opts.seed)
     per_epoch = math.ceil(len(train_idx) / opts.batch_size)
     total = per_epoch * opts.epochs
@@ -269,7 +296,8 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
                 "init_from": None if init is None else {"path": init.path, "sha256": init.sha256,
                                                         "epochs_before": _epochs_so_far(init.checkpoint),
                                                         "teacher_sha256": init.teacher_sha256,
-                                                        "discriminator": _init_discriminator(opts, init)}}
+                                                        "discriminator": _init_discriminator(opts, init),
+                                                        "global_context": _init_context(opts, init)}}
     if dry_run:
         print(json.dumps(resolved, indent=2, default=str))
         return resolved
@@ -277,11 +305,11 @@ def train_student(opts: StudentTrainOptions, resume: bool = False, dry_run: bool
     locks.hold(out)
     noise, images = data["noise"].to(device), data["images"].to(device)
     torch.manual_seed(opts.seed)
-    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips).to(device)
+    student = DirectDecoder.from_teacher(teacher.diffusion.model, teacher.config, opts.skips,
+                                         opts.global_context).to(device)
     ema = make_student_ema(student, opts.ema_decay)
     if init is not None:
-        student.load_state_dict(init.checkpoint["model"])
-        ema.load_state_dict(init.checkpoint["model_ema"])
+        _load_init_weights(student, ema, init, resolved["init_from"]["global_context"] == "added")
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
     loss_fn = DistillationLoss(opts, device)
