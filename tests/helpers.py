@@ -116,11 +116,13 @@ def one_error_line(err: str, *, allow_progress: bool = False) -> str:
     return lines[-1]
 
 
-def start_logged(cmd, log: Path, cwd) -> subprocess.Popen:
-    """Starts ``cmd`` in the tests' subprocess environment, its stdout and stderr going to the file ``log``."""
+def start_logged(cmd, log: Path, cwd, niceness: int = 0) -> subprocess.Popen:
+    """Starts ``cmd`` in the tests' subprocess environment, its stdout and stderr going to the file ``log``;
+    ``niceness`` > 0 lowers its priority, so a watcher that must act within its next few milliseconds gets the CPU
+    first on a loaded machine."""
     with open(log, "w") as sink:
         return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=subprocess_env(), stdout=sink,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
 
 
 def kill_when(proc: subprocess.Popen, until: Union[Path, Callable[[], bool]], timeout: float, *, what: str,
