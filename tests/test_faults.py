@@ -1,6 +1,7 @@
-"""The fault matrix of the long stages (generate pairs, train the student, extract features): what a user sees when
-weights hold NaN/Inf, a shard changes on disk between two runs, the output directory is read-only, the disk fills
-during the final write, the run is SIGKILLed while writing its result or a checkpoint, or two runs share an output.
+"""The fault matrix of the long stages (train the teacher, generate pairs, train the student, extract features): what a
+user sees when weights hold NaN/Inf, a shard changes on disk between two runs, the output directory is read-only, the
+disk fills during the final write, the run is SIGKILLed while writing its result or a checkpoint, or two runs share
+an output.
 
 Every case asserts what the user relies on: one "error:" line and exit 1 (a SIGKILLed run just dies), nothing
 half-written under a final name, and the same command afterwards finishing bitwise identical (sha256 of every
@@ -25,6 +26,8 @@ import pytest
 import torch
 
 import models.stages.features
+import models.training.teacher
+from conftest import TINY_TRAIN_ARGS, run_script
 from helpers import kill_on_create, load_pt, one_error_line, run_main_in_process, start_logged, use_cached_mnist5k
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +38,9 @@ GEN_ARGS = ["--n_samples", "16", "--batch_size", "4", "--shard_size", "4", "--st
 # --resume as run_pipeline.py trains: the same command starts, or continues, a run
 TRAIN_ARGS = ["--epochs", "2", "--batch_size", "8", "--lr", "1e-3", "--bn_samples", "16", "--n_preview", "2",
               "--no_evaluate", "--cpu", "--resume"]
+# the teacher's own training: two checkpoints, the rerun continues from the first
+TEACH_ARGS = [*TINY_TRAIN_ARGS, "--steps", "8", "--save_every", "4", "--model_ema_steps", "2", "--seed", "0",
+              "--resume"]
 FEATURE_ARGS = ["--dataset", "mnist5k", "--limit", "16", "--batch_size", "4", "--shard_size", "4", "--method",
                 "ddim_inversion", "--inversion_steps", "2", "--consistency_samples", "0", "--cpu"]
 
@@ -80,6 +86,10 @@ def _gen_command(where, inputs):
     return ["--ckpt", inputs["teacher"], "--output_dir", where, *GEN_ARGS]
 
 
+def _teach_command(where, inputs):
+    return ["--output_dir", where, *TEACH_ARGS]
+
+
 def _train_command(where, inputs):
     return ["--ddpm_ckpt", inputs["teacher"], "--data_path", inputs["pairs"], "--output_dir", where, *TRAIN_ARGS]
 
@@ -87,6 +97,19 @@ def _train_command(where, inputs):
 def _feature_command(where, inputs):
     return ["--ddpm_ckpt", inputs["teacher"], "--decoder_ckpt", inputs["student"], "--output_path", where / "rf.pt",
             *FEATURE_ARGS]
+
+
+@pytest.fixture(scope="module")
+def teach_stage(tmp_path_factory) -> Stage:
+    where = tmp_path_factory.mktemp("faults_teach_reference")
+    proc = run_script("train_ddpm.py", *_teach_command(where, {}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = Stage("train_ddpm.py", _teach_command, "steps_00000008.pt", ("model", "model_ema", "optimizer"), {},
+                  ".lock")
+    stage.final_pages = _pages(where / stage.final)
+    stage.reference = digests(where / stage.final, stage.keys)
+    stage.result = where / stage.final
+    return stage
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +162,7 @@ def extract_stage(train_stage, tiny_teacher_ckpt, mnist5k, tmp_path_factory) -> 
     return stage
 
 
-STAGES = ("gen", "train", "extract")
+STAGES = ("teach", "gen", "train", "extract")
 SHARDED = ("gen", "extract")
 
 
@@ -152,6 +175,7 @@ def stage(request) -> Stage:
 def cli(monkeypatch, capsys, mnist5k):
     """cli(script, args) runs a stage script in this interpreter: (exit code, stdout, stderr)."""
     use_cached_mnist5k(monkeypatch, models.stages.features, mnist5k)
+    use_cached_mnist5k(monkeypatch, models.training.teacher, mnist5k)
     return lambda script, args: run_main_in_process(REPO / script, args, monkeypatch, capsys)
 
 
@@ -272,10 +296,8 @@ def test_every_later_stage_refuses_a_nan_student(train_stage, extract_stage, cli
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan_student.pt"], "a refused stage wrote output"
 
 
-def test_train_ddpm_refuses_to_continue_nan_weights(tiny_teacher_ckpt, cli, monkeypatch, mnist5k, tmp_path):
+def test_train_ddpm_refuses_to_continue_nan_weights(tiny_teacher_ckpt, cli, tmp_path):
     """--init_from continues the raw weights as well as the EMA ones: NaN in either is refused before any output."""
-    import models.training.teacher
-    use_cached_mnist5k(monkeypatch, models.training.teacher, mnist5k)
     ckpt = load_pt(tiny_teacher_ckpt)
     name = next(k for k in ckpt["model"] if "init_conv.module.0.weight" in k)
     ckpt["model"][name].view(-1)[0] = float("nan")
@@ -290,7 +312,8 @@ def test_train_ddpm_refuses_to_continue_nan_weights(tiny_teacher_ckpt, cli, monk
 # ---------------------------------------------------------------- SIGKILL while writing
 
 # What a rerun says when it continues from the work a broken run kept (extraction keeps its shards silently).
-KEPT_WORK = {"generate_training_data.py": "16 pairs already done", "train_direct_decoder.py": "(epoch 1/2)"}
+KEPT_WORK = {"generate_training_data.py": "16 pairs already done", "train_direct_decoder.py": "(epoch 1/2)",
+             "train_ddpm.py": "resumed from"}
 
 
 KILL_ATTEMPTS = 4
