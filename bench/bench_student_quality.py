@@ -25,6 +25,7 @@ from models.io.records import append_run_record
 def summary_row(report: dict) -> dict:
     audit = report["audit"]
     q = audit["quality"]
+    confident = audit["class_agreement_where_teacher_confident"]
     speed = report["speed"]
     default_rate = speed["teacher_unet_evals_per_s"] / DEFAULT_DDIM_STEPS
     return {"n": report["n_val"],
@@ -35,6 +36,9 @@ def summary_row(report: dict) -> dict:
             "audit_precision_student": q["student"]["precision"], "audit_recall_student": q["student"]["recall"],
             "audit_precision_teacher": q["teacher"]["precision"], "audit_recall_teacher": q["teacher"]["recall"],
             "audit_class_agreement": audit["class_agreement_student_teacher"],
+            # where the audit classifier is sure of the teacher's digit (>= 0.9): agreement without its scribbles
+            "audit_class_agreement_where_teacher_confident": confident["agreement"],
+            "audit_share_teacher_confident": confident["share_of_pairs"],
             "project_class_agreement": report["class_agreement_student_teacher"],
             "project_fd_ratio": report["fd_ratio_student_over_teacher"],
             "val_mse_to_teacher": report["val_mse_to_teacher"],
@@ -61,9 +65,11 @@ def main():
             append_run_record({"student": student, "student_sha256": report["student"]["sha256"],
                                "teacher_sha256": report["teacher"]["sha256"], "data": report["training_data"], **row},
                               a.record)
+            sure = row["audit_class_agreement_where_teacher_confident"]
             print(f"{student}: audit FD {row['audit_fd_student']:.1f} vs teacher {row['audit_fd_teacher']:.1f} "
                   f"(ratio {row['audit_fd_ratio']:.2f}), recall {row['audit_recall_student']:.3f} vs "
-                  f"{row['audit_recall_teacher']:.3f}, agreement {row['audit_class_agreement']:.1%} "
+                  f"{row['audit_recall_teacher']:.3f}, agreement {row['audit_class_agreement']:.1%}"
+                  f"{'' if sure is None else f' ({sure:.1%} where the teacher image is confident)'} "
                   f"(N={row['n']}) -> {a.record}")
 
 

@@ -157,6 +157,9 @@ def test_student_quality_bench_reports_the_audit_figures(tiny_student, tiny_teac
     assert row["audit_fd_ratio"] == pytest.approx(row["audit_fd_student"] / row["audit_fd_teacher"])
     assert 0 <= row["audit_recall_student"] <= 1 and 0 <= row["audit_recall_teacher"] <= 1
     assert 0 <= row["audit_class_agreement"] <= 1 and row["speedup_vs_default_ddim50"] > 0
+    assert 0 <= row["audit_share_teacher_confident"] <= 1
+    confident = row["audit_class_agreement_where_teacher_confident"]
+    assert (confident is None) == (row["audit_share_teacher_confident"] == 0)
     assert {k: v for k, v in rows[0].items() if "speedup" not in k} == \
         {k: v for k, v in rows[1].items() if "speedup" not in k}  # deterministic apart from timing
     assert "audit FD" in out
