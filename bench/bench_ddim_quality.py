@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from models.diffusion.sampling import SamplerConfig
-from models.evaluation.evaluate import evaluation_source, sample_teacher_images, shuffled_real_images
+from models.evaluation.evaluate import (CONFIDENT, evaluation_source, sample_teacher_images,
+                                       shuffled_real_images)
 from models.evaluation.metrics import classifier_outputs, image_quality_report
 from models.io.cli import ArgumentParser, add_cpu_flag
 from models.io.device import pick_device
@@ -69,18 +70,26 @@ def main():
                                        device=device, desc=cfg.describe(), clip_x0=cfg.clip_x0)
         seconds = time.perf_counter() - start
         q = image_quality_report(images, classifier, real[:a.n])
-        labels = classifier_outputs(classifier, images)[1].argmax(1)
+        logits = classifier_outputs(classifier, images)[1]
+        labels = logits.argmax(1)
         if reference is None:
-            reference = (cfg.describe(), images, labels)
-        same_noise = {"reference": reference[0], "class_agreement": (labels == reference[2]).double().mean().item(),
+            reference = (cfg.describe(), images, labels, logits.softmax(1).amax(1) >= CONFIDENT)
+        agree, sure = labels == reference[2], reference[3]
+        same_noise = {"reference": reference[0], "class_agreement": agree.double().mean().item(),
+                      # the noises whose reference image the classifier is sure of: flips there are not scribbles
+                      "class_agreement_where_reference_confident": agree[sure].double().mean().item()
+                      if sure.any() else None, "reference_confident_share": sure.double().mean().item(),
                       "rms_pixel_difference": (images - reference[1]).square().mean().sqrt().item()}
         rows.append((cfg.describe(), q, seconds, same_noise))
         append_run_record({"config": cfg.describe(), "sampler_config": cfg.to_dict(), **common, "seconds": seconds,
                       "seconds_per_image": seconds / a.n, **q, "same_noise_as_reference": same_noise}, a.out)
-    print(f"| sampler | FD | precision | recall | mean conf. | s/image | agreement, RMS vs {reference[0]} |")
+    print(f"| sampler | FD | precision | recall | mean conf. | s/image | agreement (where {reference[0]} is "
+          f"confident), RMS vs it |")
     print("|---|---|---|---|---|---|---|")
     for name, q, seconds, same in rows:
-        vs = f"{same['class_agreement']:.3f}, {same['rms_pixel_difference']:.3f}" if same else ""
+        sure = same.get("class_agreement_where_reference_confident")
+        vs = f"{same['class_agreement']:.3f} ({'-' if sure is None else f'{sure:.3f}'}), " \
+             f"{same['rms_pixel_difference']:.3f}" if same else ""
         print(f"| {name} | {q['frechet_distance']:.2f} | {q['precision']:.3f} | {q['recall']:.3f} | "
               f"{q['mean_confidence']:.3f} | {seconds / a.n:.3f} | {vs} |")
     print(json.dumps({"machine": run_context()["machine"], "teacher": a.ckpt, "classifier": a.classifier, "out": a.out}))
