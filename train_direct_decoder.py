@@ -2,7 +2,8 @@
 
 from models.io.cli import ArgumentParser, add_common, options_from_args
 from models.io.errors import run_cli
-from models.training.student import StudentTrainOptions, evaluate_only, train_student
+from models.nets.student import GLOBAL_CONTEXT, SKIP_MODES
+from models.training.student import ADV_REAL, LOSSES, StudentTrainOptions, evaluate_only, train_student
 
 
 def build_parser() -> ArgumentParser:
@@ -19,7 +20,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="pairs per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, warm-up + cosine)")
     p.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--loss", choices=["mse", "huber"], default=d.loss, help="pixel loss to the teacher image")
+    p.add_argument("--loss", choices=LOSSES, default=d.loss, help="pixel loss to the teacher image")
     p.add_argument("--huber_delta", type=float, default=d.huber_delta, help="Huber transition point")
     p.add_argument("--perceptual_weight", type=float, default=d.perceptual_weight,
                    help="weight of a feature-matching loss in the project classifier's feature space (0: off)")
@@ -34,7 +35,7 @@ def build_parser() -> ArgumentParser:
                         "regression only); with it on, best_model.pt is chosen by val FD instead of val loss")
     p.add_argument("--adv_start_epoch", type=int, default=d.adv_start_epoch,
                    help="epochs of regression alone before the adversarial term joins")
-    p.add_argument("--adv_real", choices=["dataset", "teacher", "both"], default=d.adv_real,
+    p.add_argument("--adv_real", choices=ADV_REAL, default=d.adv_real,
                    help="the discriminator's real images: --adv_dataset digits, the teacher's training images, or both")
     p.add_argument("--adv_dataset", default=d.adv_dataset,
                    help="dataset of real images for the discriminator and the val FD (offline sources only unless "
@@ -54,10 +55,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val_fraction", type=float, default=d.val_fraction, help="validation share, split fixed by seed")
     p.add_argument("--n_preview", type=int, default=d.n_preview, help="validation pairs in samples_epoch_XXX.png")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the split, data order and initialisation")
-    p.add_argument("--skips", choices=["zero", "keep"], default=d.skips,
+    p.add_argument("--skips", choices=SKIP_MODES, default=d.skips,
                    help="zero: the decoder reads only the bottleneck, so hooks there steer the whole image; keep: "
                         "the teacher's skip connections (closer to the teacher, but hooks barely steer)")
-    p.add_argument("--global_context", choices=["none", "attention"], default=d.global_context,
+    p.add_argument("--global_context", choices=GLOBAL_CONTEXT, default=d.global_context,
                    help="attention: self-attention over the deepest features before the mid block, so one pass sees "
                         "the whole noise; added to an --init_from student as an identity that training then grows")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=d.precision,

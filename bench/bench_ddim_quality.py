@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from models.diffusion.sampling import SamplerConfig
-from models.evaluation.evaluate import (CONFIDENT, evaluation_source, sample_teacher_images,
-                                       shuffled_real_images)
+from models.evaluation.evaluate import (agreement_where_confident, evaluation_source, is_confident,
+                                       sample_teacher_images, shuffled_real_images)
 from models.evaluation.metrics import classifier_outputs, image_quality_report
 from models.io.cli import ArgumentParser, add_cpu_flag
 from models.io.device import pick_device
@@ -73,12 +73,12 @@ def main():
         logits = classifier_outputs(classifier, images)[1]
         labels = logits.argmax(1)
         if reference is None:
-            reference = (cfg.describe(), images, labels, logits.softmax(1).amax(1) >= CONFIDENT)
-        agree, sure = labels == reference[2], reference[3]
+            reference = (cfg.describe(), images, labels, is_confident(logits))
+        agree = labels == reference[2]
+        where_sure = agreement_where_confident(agree, reference[3])
         same_noise = {"reference": reference[0], "class_agreement": agree.double().mean().item(),
-                      # the noises whose reference image the classifier is sure of: flips there are not scribbles
-                      "class_agreement_where_reference_confident": agree[sure].double().mean().item()
-                      if sure.any() else None, "reference_confident_share": sure.double().mean().item(),
+                      "class_agreement_where_reference_confident": where_sure["agreement"],
+                      "reference_confident_share": where_sure["share_of_pairs"],
                       "rms_pixel_difference": (images - reference[1]).square().mean().sqrt().item()}
         rows.append((cfg.describe(), q, seconds, same_noise))
         append_run_record({"config": cfg.describe(), "sampler_config": cfg.to_dict(), **common, "seconds": seconds,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from models.data.pairs import student_split
 from models.diffusion.noise import per_sample_noise
 from models.diffusion.sampling import SamplerConfig
-from models.evaluation.evaluate import CONFIDENT
+from models.evaluation.evaluate import is_confident
 from models.io.cli import ArgumentParser, add_cpu_flag
 from models.io.device import pick_device
 from models.io.errors import PipelineError, run_cli
@@ -55,7 +55,7 @@ def agreement_on(indices, sources, sampler, teacher, student, classifier, device
             out = student.decoder(z).float().clamp(-1, 1)
             t_logits, s_logits = classifier(target), classifier(out)
         agree.append(t_logits.argmax(1) == s_logits.argmax(1))
-        confident.append(t_logits.softmax(1).amax(1) >= CONFIDENT)
+        confident.append(is_confident(t_logits))
         mse.append(((out - target) ** 2).flatten(1).mean(1))
     agree, confident, mse = torch.cat(agree), torch.cat(confident), torch.cat(mse)
     return {"n": len(indices), "class_agreement": agree.float().mean().item(),

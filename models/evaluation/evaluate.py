@@ -107,6 +107,18 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     return report
 
 
+def is_confident(logits: torch.Tensor) -> torch.Tensor:
+    """Images the classifier gives one class at least CONFIDENT."""
+    return logits.softmax(1).amax(1) >= CONFIDENT
+
+
+def agreement_where_confident(agreeing: torch.Tensor, confident: torch.Tensor) -> dict:
+    """Label agreement on the pairs whose reference image is ``confident``: a reference that is an ambiguous
+    scribble has no class to agree with, so flips there say little about the image being compared."""
+    return {"confidence_at_least": CONFIDENT, "share_of_pairs": confident.float().mean().item(),
+            "agreement": agreeing[confident].float().mean().item() if confident.any() else None}
+
+
 @torch.inference_mode()
 def classifier_scores(classifier, student_images: torch.Tensor, teacher_images: torch.Tensor, real: torch.Tensor,
                       batch_size: int = 256) -> dict:
@@ -117,13 +129,9 @@ def classifier_scores(classifier, student_images: torch.Tensor, teacher_images: 
     real_q = image_quality_report(real[:half], classifier, real[half:])
     teacher_logits = _batched(classifier, teacher_images, batch_size)
     agreeing = _batched(classifier, student_images, batch_size).argmax(1) == teacher_logits.argmax(1)
-    confident = teacher_logits.softmax(1).amax(1) >= CONFIDENT
     return {
         "class_agreement_student_teacher": agreeing.float().mean().item(),
-        # The teacher's own ambiguous images (scribbles) have no class for the student to agree with.
-        "class_agreement_where_teacher_confident": {
-            "confidence_at_least": CONFIDENT, "share_of_pairs": confident.float().mean().item(),
-            "agreement": agreeing[confident].float().mean().item() if confident.any() else None},
+        "class_agreement_where_teacher_confident": agreement_where_confident(agreeing, is_confident(teacher_logits)),
         "frechet_distance": {"student_vs_real": student_q["frechet_distance"],
                              "teacher_vs_real": teacher_q["frechet_distance"],
                              "real_half_vs_real_half": real_q["frechet_distance"]},

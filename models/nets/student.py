@@ -5,11 +5,10 @@ image directly. Warm-starting from the teacher's weights gives it the teacher's 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-
-import math
 
 import torch
 import torch.nn.functional as F
