@@ -416,3 +416,17 @@ def test_bench_missing_model_is_one_line_exit_2(script, monkeypatch, capsys, tmp
     code, _, err = run_main_in_process(REPO / "bench" / script, args, monkeypatch, capsys)
     _assert_refused(code, err, 2, ("not found", "no_such_model.pt"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_without_its_extra_names_the_install_command():
+    """serve.py in a runtime-only install (no FastAPI): one line naming `make serve`, exit 2, before any loading."""
+    import subprocess
+    import sys
+    from helpers import subprocess_env
+    code = ("import runpy, sys; sys.modules['fastapi'] = None; sys.argv = ['serve.py', '--dry-run', '--cpu']; "
+            "runpy.run_path('serve.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "fastapi" in line and "make serve" in line and "requirements-serve.txt" in line

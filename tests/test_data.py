@@ -120,6 +120,44 @@ def test_mnist_without_files_or_download_names_the_flag(tmp_path, monkeypatch):
     assert not (tmp_path / "mnist_data" / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
 
 
+def test_mnist_reads_upstream_layout_and_downloads_only_when_asked(tmp_path, monkeypatch):
+    """--dataset mnist reads MNIST_ROOT/MNIST/raw (torchvision's layout, plain or .gz); --download fetches the
+    missing files from a mirror, checked by md5, and a corrupted answer leaves no file behind."""
+    import gzip
+    import hashlib
+    import io
+    import urllib.request
+    pixels = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    served = {}
+    for name, array in (("t10k-images-idx3-ubyte", pixels), ("t10k-labels-idx1-ubyte", np.array([7, 3]))):
+        _write_idx(tmp_path / name, array, compress=True)
+        served[name + ".gz"] = (tmp_path / (name + ".gz")).read_bytes()
+    root = tmp_path / "mnist_data"
+    monkeypatch.setattr(data_mod, "MNIST_ROOT", root)
+    monkeypatch.setattr(data_mod, "MNIST_MD5", {k: hashlib.md5(v).hexdigest() for k, v in served.items()})
+    requested = []
+
+    def fake_urlopen(url, timeout):
+        requested.append(url)
+        return io.BytesIO(served[url.rsplit("/", 1)[1]])
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(MissingInputError):
+        load_dataset("mnist", "test", download=False)
+    assert requested == []
+    test = load_dataset("mnist", "test", download=True)
+    assert test.labels.tolist() == [7, 3] and test.split == "test" and len(requested) == 2
+    assert torch.equal(test.images, data_mod.to_model_range(pixels))
+    assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == sorted(served)
+    load_dataset("mnist", "test", download=True)
+    assert len(requested) == 2  # files present: nothing fetched again
+    (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").unlink()
+    served["t10k-images-idx3-ubyte.gz"] = gzip.compress(b"not mnist")
+    with pytest.raises(MissingInputError) as err:
+        load_dataset("mnist", "test", download=True)
+    assert "checksum" in str(err.value)
+    assert not (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").exists()
+
+
 @pytest.mark.skipif(not SYSTEM_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed on this machine")
 def test_system_fashion_mnist(monkeypatch):
     monkeypatch.setattr(data_mod, "FASHION_DIR", SYSTEM_FASHION)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..io.errors import MissingInputError, PipelineError
-from ..io.files import atomic_save
+from ..io.files import atomic_path, atomic_save
 
 SOURCES = ("mnist5k", "fashion-mnist", "mnist")
 DEFAULT_SOURCE = "mnist5k"
@@ -101,15 +101,52 @@ def _fashion(split: str) -> LabeledImages:
     return LabeledImages(to_model_range(_read_idx(images)), y, torch.arange(len(y)), "fashion-mnist", split)
 
 
+# Upstream's MNIST files (torchvision's layout: MNIST_ROOT/MNIST/raw), fetched only with --download.
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
+
+
+def _download_mnist_file(raw: Path, name: str) -> None:
+    """One gzip file from the first mirror that answers, checked by md5, written atomically."""
+    import hashlib
+    import urllib.request
+    errors = []
+    for mirror in MNIST_MIRRORS:
+        try:
+            with urllib.request.urlopen(mirror + name, timeout=60) as response:
+                data = response.read()
+        except OSError as err:
+            errors.append(f"{mirror}: {err}")
+            continue
+        if hashlib.md5(data).hexdigest() != MNIST_MD5[name]:
+            errors.append(f"{mirror}: checksum mismatch")
+            continue
+        with atomic_path(raw / name) as tmp:
+            tmp.write_bytes(data)
+        return
+    raise MissingInputError(f"could not download MNIST's {name} ({'; '.join(errors)}); "
+                            "use --dataset mnist5k, bundled offline")
+
+
 def _mnist(split: str, download: bool) -> LabeledImages:
-    from torchvision.datasets import MNIST
-    try:
-        data = MNIST(root=str(MNIST_ROOT), train=(split == "train"), download=download)
-    except RuntimeError as err:
-        raise MissingInputError(f"MNIST not found under {MNIST_ROOT}/MNIST/raw; rerun with --download "
-                                "to fetch it (or use --dataset mnist5k, bundled offline)") from err
-    pixels = data.data.numpy()
-    return LabeledImages(to_model_range(pixels), data.targets.long().clone(), torch.arange(len(pixels)), "mnist", split)
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise PipelineError(f"mnist split must be train or test, got {split}")
+    raw = MNIST_ROOT / "MNIST" / "raw"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    if download:
+        for stem in stems:
+            if _find_idx(raw, stem) is None:
+                _download_mnist_file(raw, stem + ".gz")
+    images, labels = (_find_idx(raw, stem) for stem in stems)
+    if images is None or labels is None:
+        raise MissingInputError(f"MNIST not found under {raw}; rerun with --download "
+                                "to fetch it (or use --dataset mnist5k, bundled offline)")
+    y = torch.as_tensor(_read_idx(labels).astype(np.int64))
+    return LabeledImages(to_model_range(_read_idx(images)), y, torch.arange(len(y)), "mnist", split)
 
 
 def load_dataset(source: str = DEFAULT_SOURCE, split: str = "train", download: bool = False) -> LabeledImages:

@@ -24,6 +24,15 @@ class MissingInputError(PipelineError):
         super().__init__(message, EXIT_MISSING)
 
 
+def require_extra(modules: tuple[str, ...], extra: str, make_target: str) -> None:
+    """Fails fast, naming the install command, when an optional profile (requirements-EXTRA.txt) is not installed."""
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingInputError(f"this needs {', '.join(missing)} (the '{extra}' extra): run `make {make_target}`, or "
+                                f"`pip install -r requirements-{extra}.txt`")
+
+
 def run_cli(main: Callable[[], Any], resumable: bool = True) -> None:
     """Runs a script's main: a refused input is one "error:" line and its exit code, not a traceback.
     ``resumable=False`` (the benches) drops the hint that rerunning resumes."""

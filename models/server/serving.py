@@ -10,10 +10,12 @@ from typing import Optional
 from ..api import DirectDecoderPipeline
 from ..io.checkpoints import load_checkpoint
 from ..io.device import pick_device
-from ..io.errors import PipelineError
+from ..io.errors import PipelineError, require_extra
 from ..io.paths import DEFAULT_STUDENT, DEFAULT_TEACHER, REPO_ROOT
 from ..stages.features import FeatureOptions, extract_reference_features
 from ..stages.pipeline import PRESETS
+
+SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "pydantic")
 
 
 @dataclass
@@ -91,6 +93,7 @@ def load_served_pipeline(opts: ServeOptions, dry_run: bool = False) -> tuple[Opt
 
 
 def serve(opts: ServeOptions, dry_run: bool = False) -> dict:
+    require_extra(SERVER_MODULES, "serve", "serve")
     if not 0 <= opts.port <= 65535:
         raise PipelineError(f"--port must be in 0..65535, got {opts.port}")
     pipe, info = load_served_pipeline(opts, dry_run)
