@@ -28,6 +28,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--encoder_batch_size", type=int, default=d.encoder_batch_size,
                    help="images per image-encoder step (student generations and teacher images of training pairs)")
     p.add_argument("--encoder_lr", type=float, default=d.encoder_lr, help="image-encoder peak learning rate")
+    p.add_argument("--encoder_pool_size", type=int, default=d.encoder_pool_size,
+                   help="student generations made once, in large batches, and reused in shuffled passes by the "
+                        "image encoder's training (generating costs more than a training step on the result); 0: "
+                        "fresh generations every step")
     p.add_argument("--encoder_teacher_pairs_fraction", type=float, default=d.encoder_teacher_pairs_fraction,
                    help="share of each image-encoder batch taken from the student's training pairs (the teacher's "
                         "sharp image for a pair's noise, target: the student's bottleneck at that noise), so real "

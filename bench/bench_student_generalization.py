@@ -12,7 +12,6 @@ one, more pairs are the lever; if both are low, the student's map (capacity, opt
 import time
 
 import torch
-from tqdm import tqdm
 
 from models.data.pairs import student_split
 from models.diffusion.noise import per_sample_noise
@@ -22,6 +21,7 @@ from models.io.cli import ArgumentParser, add_cpu_flag
 from models.io.device import pick_device
 from models.io.errors import PipelineError, run_cli
 from models.io.paths import DEFAULT_CLASSIFIER
+from models.io.progress import progress_bar
 from models.io.records import append_run_record
 from models.nets.classifier import load_classifier
 from models.nets.student import load_teacher_and_student
@@ -48,7 +48,7 @@ def seeded_batches(indices, sources, batch_size):
 
 def agreement_on(indices, sources, sampler, teacher, student, classifier, device, desc, batch_size=250) -> dict:
     agree, confident, mse = [], [], []
-    for seed, idx in tqdm(list(seeded_batches(indices, sources, batch_size)), desc=desc, unit="batch"):
+    for seed, idx in progress_bar(list(seeded_batches(indices, sources, batch_size)), desc=desc, unit="batch"):
         z = per_sample_noise(seed, idx, device=device)
         with torch.no_grad():
             target = sampler.sample(teacher.diffusion, z, seed=seed, indices=idx)

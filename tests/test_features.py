@@ -22,7 +22,8 @@ from models.io.teacher_checkpoints import load_teacher
 from models.nets.image_encoder import ImageEncoder, load_image_encoder
 from models.nets.student import load_student
 from models.stages.features import FeatureOptions, extract_reference_features, latent_timestep, psnr
-from models.training.image_encoder import EncoderTrainOptions, _training_batch, train_image_encoder
+from models.training.image_encoder import EncoderTrainOptions, StudentPool, _student_batch, _training_batch, \
+    train_image_encoder
 from models.training.student import load_training_pairs
 
 N = 120  # --limit of the tiny feature run (conftest TINY_FEATURE_ARGS)
@@ -165,6 +166,32 @@ def test_encoder_batches_mix_teacher_images_of_the_training_pairs(student, pairs
     assert not any((flat == row.flatten()).all(1).any() for row in only_own)
     with pytest.raises(PipelineError, match="training pairs"):
         train_image_encoder(decoder, None, None, EncoderTrainOptions(), Path("unused"), "cpu", None)
+
+
+def test_encoder_pool_is_the_students_generations_drawn_in_shuffled_passes(tmp_path, student, teacher, pairs):
+    """The pool holds the student's generations at latents (seed, 0..size-1), exactly as fresh generation makes
+    them; every pass over it draws each one once, in an order fixed by (seed, pass), so a step's batch depends on
+    the step alone; training with it resumes bit-exactly and records the pool size."""
+    decoder = student.decoder
+    pool = StudentPool(decoder, seed=3, size=10, device="cpu")
+    images, h = _student_batch(decoder, 3, range(10), "cpu")
+    torch.testing.assert_close(pool.images, images, atol=1e-5, rtol=0)  # built in batches of 256: floats may round
+    torch.testing.assert_close(pool.h, h, atol=1e-5, rtol=0)
+    drawn = torch.cat([pool.batch(step, 4)[1] for step in range(5)])  # 20 draws = two passes
+    rows = [int(((pool.h.flatten(1) - row.flatten()).abs().sum(1)).argmin()) for row in drawn]
+    assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:]) == list(range(10))
+    assert rows[:10] != rows[10:]  # each pass has its own order
+    assert torch.equal(pool.batch(3, 4)[0], StudentPool(decoder, 3, 10, "cpu").batch(3, 4)[0])
+    assert pool.batch(0, 0)[0].shape[0] == 0
+    opts = EncoderTrainOptions(steps=6, batch_size=8, lr=1e-2, save_every=2, bn_samples=16, pool_size=12)
+    trained, losses = train_image_encoder(decoder, teacher.diffusion.model, teacher.config, opts, tmp_path, "cpu", pairs)
+    (tmp_path / "image_encoder_final.pt").unlink()
+    resumed, resumed_losses = train_image_encoder(decoder, teacher.diffusion.model, teacher.config, opts, tmp_path,
+                                                  "cpu", pairs)
+    assert_identical(resumed.state_dict(), trained.state_dict(), "pooled encoder")
+    assert resumed_losses == losses
+    with pytest.raises(PipelineError, match="--encoder_pool_size"):
+        EncoderTrainOptions(batch_size=8, pool_size=3).validate()  # smaller than the student's 4 of a batch
 
 
 def test_features_record_the_pairs_the_encoder_used(ref, tiny_pairs):

@@ -16,7 +16,7 @@ from ..io.paths import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER
 from ..io.records import software_versions
 from ..nets.classifier import load_classifier
 from ..nets.student import load_teacher_and_student
-from .metrics import image_quality_report
+from .metrics import classifier_outputs, quality_from_features
 
 CONFIDENT = 0.9  # the teacher bar's confidence level
 
@@ -63,8 +63,7 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     noise, teacher_images = data["noise"][val_idx].to(device), data["images"][val_idx].to(device)
     student_images = _batched(lambda z: student.decoder(z).float().clamp(-1, 1), noise, batch_size)
     real = shuffled_real_images(evaluation_source(teacher.checkpoint.get("data_source")), n_real).to(device)
-    scores = classifier_scores(load_classifier(classifier_path, device), student_images, teacher_images, real,
-                               batch_size)
+    scores = classifier_scores(load_classifier(classifier_path, device), student_images, teacher_images, real)
     pairs_map = SamplerConfig.from_metadata(data.get("metadata", {})).deterministic_map()
     k, name = pairs_map.steps, pairs_map.name
     z = per_sample_noise(12345, range(speed_batch), device=device)
@@ -93,7 +92,7 @@ def evaluate_student_checkpoint(ddpm_ckpt: str, decoder_ckpt: str, data_path: st
     audit = ""
     if audit_classifier_path is not None:
         report["audit"] = classifier_scores(load_classifier(audit_classifier_path, device), student_images,
-                                            teacher_images, real, batch_size)
+                                            teacher_images, real)
         report["audit"]["classifier"] = {"path": audit_classifier_path, "sha256": sha256_file(audit_classifier_path)}
         audit = (f"; audit classifier: agreement {report['audit']['class_agreement_student_teacher']:.1%}, "
                  f"FD ratio {report['audit']['fd_ratio_student_over_teacher']:.2f}")
@@ -120,15 +119,18 @@ def agreement_where_confident(agreeing: torch.Tensor, confident: torch.Tensor) -
 
 
 @torch.inference_mode()
-def classifier_scores(classifier, student_images: torch.Tensor, teacher_images: torch.Tensor, real: torch.Tensor,
-                      batch_size: int = 256) -> dict:
-    """Class agreement and Frechet distances of student and teacher images in one classifier's feature space."""
-    student_q = image_quality_report(student_images, classifier, real)
-    teacher_q = image_quality_report(teacher_images, classifier, real)
+def classifier_scores(classifier, student_images: torch.Tensor, teacher_images: torch.Tensor,
+                      real: torch.Tensor) -> dict:
+    """Class agreement and Frechet distances of student and teacher images in one classifier's feature space (the
+    real images' features computed once, for all three comparisons)."""
+    real_feats, real_logits = classifier_outputs(classifier, real)
+    student_feats, student_logits = classifier_outputs(classifier, student_images)
+    teacher_feats, teacher_logits = classifier_outputs(classifier, teacher_images)
+    student_q = quality_from_features(student_feats, student_logits, real_feats)
+    teacher_q = quality_from_features(teacher_feats, teacher_logits, real_feats)
     half = real.shape[0] // 2
-    real_q = image_quality_report(real[:half], classifier, real[half:])
-    teacher_logits = _batched(classifier, teacher_images, batch_size)
-    agreeing = _batched(classifier, student_images, batch_size).argmax(1) == teacher_logits.argmax(1)
+    real_q = quality_from_features(real_feats[:half], real_logits[:half], real_feats[half:])
+    agreeing = student_logits.argmax(1) == teacher_logits.argmax(1)
     return {
         "class_agreement_student_teacher": agreeing.float().mean().item(),
         "class_agreement_where_teacher_confident": agreement_where_confident(agreeing, is_confident(teacher_logits)),

@@ -82,6 +82,16 @@ def classifier_outputs(classifier, images: torch.Tensor, batch_size: int = 500) 
     return torch.cat(feats), torch.cat(logits)
 
 
+def quality_from_features(feats: torch.Tensor, logits: torch.Tensor, real_feats: torch.Tensor, k: int = 3) -> dict:
+    """The scores of ``image_quality_report`` from classifier outputs already computed (a caller scoring several
+    image sets against one real set computes the real features once)."""
+    precision, recall = knn_precision_recall(real_feats, feats, k)
+    return {"frechet_distance": frechet_distance(feats, real_feats), "precision": precision, "recall": recall,
+            "mean_confidence": float(logits.softmax(dim=1).amax(dim=1).mean()),
+            "class_shares": class_histogram(logits), "mean_class_probability": mean_class_probability(logits),
+            "n": len(feats), "n_real": len(real_feats)}
+
+
 def image_quality_report(images: torch.Tensor, classifier, real_images: torch.Tensor, k: int = 3,
                          batch_size: int = 500) -> dict:
     """Scores ``images`` ([N, 1, 28, 28] in [-1, 1]) against ``real_images``.
@@ -92,8 +102,4 @@ def image_quality_report(images: torch.Tensor, classifier, real_images: torch.Te
     """
     feats, logits = classifier_outputs(classifier, images, batch_size)
     real_feats, _ = classifier_outputs(classifier, real_images, batch_size)
-    precision, recall = knn_precision_recall(real_feats, feats, k)
-    return {"frechet_distance": frechet_distance(feats, real_feats), "precision": precision, "recall": recall,
-            "mean_confidence": float(logits.softmax(dim=1).amax(dim=1).mean()),
-            "class_shares": class_histogram(logits), "mean_class_probability": mean_class_probability(logits),
-            "n": len(images), "n_real": len(real_images)}
+    return quality_from_features(feats, logits, real_feats, k)

@@ -10,6 +10,11 @@ and extraction is then one encoder pass per image. The student's images are blur
 sharp: trained on student images alone, the encoder maps real digits to features of 2.6x the norm of any
 bottleneck the student produces (BENCHMARKS.md), which the decoder cannot use. So part of each batch is the
 teacher's sharp image for a training pair's noise z, with the same target: the student's bottleneck at z.
+
+Generating the student's (image, bottleneck) costs more than the encoder's training step on it (a full UNet pass
+against half of one, forward and backward), so by default the student's side comes from a pool of ``pool_size``
+generations made once, in large batches, and drawn in shuffled passes: each generation is seen several times
+instead of once (``pool_size`` 0: fresh latents every step, the earlier behaviour).
 """
 from __future__ import annotations
 
@@ -42,11 +47,15 @@ class EncoderTrainOptions:
     save_every: int = 100
     bn_samples: int = 1024
     teacher_pairs_fraction: float = 0.5  # share of each batch from the training pairs' teacher images (0: none)
+    pool_size: int = 0                   # student generations made once and reused (0: fresh latents every step)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "save_every"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"--encoder_{name} must be positive, got {getattr(self, name)}")
+        if self.pool_size < 0 or 0 < self.pool_size < self.batch_size - self.pair_count(self.batch_size):
+            raise PipelineError(f"--encoder_pool_size must be 0 or at least the student's share of a batch, got "
+                                f"{self.pool_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise PipelineError(f"--encoder_lr must be a positive number, got {self.lr}")
         if not 0 <= self.teacher_pairs_fraction <= 1:
@@ -73,19 +82,58 @@ def _pairs_batch(decoder, pairs: dict, seed: int, step: int, count: int, device)
     return pairs["images"][idx].to(device).float().clamp(-1, 1), h.float().clone()
 
 
-def _mixed_batch(decoder, pairs, opts: EncoderTrainOptions, first: int, size: int, draw: int, device):
-    """``size`` images with their targets: student generations from latents (seed, first + i), then the share
-    ``opts.teacher_pairs_fraction`` of teacher images from the training pairs, drawn by (seed, draw)."""
+POOL_BATCH = 256  # generations per pass while the pool is built (fixed: the pool must not depend on a batch flag)
+
+
+class StudentPool:
+    """``size`` student generations from latents (seed, 0 .. size-1), made once; step s draws the next slice of a
+    sequence of permutations fixed by (seed, pass), so a batch depends on (seed, s) alone (resume stays exact)."""
+
+    def __init__(self, decoder, seed: int, size: int, device):
+        self.seed, self.size = seed, size
+        images, h = [], []
+        bar = progress_bar(total=size, desc="image encoder pool", unit="img", dynamic_ncols=True)
+        for lo in range(0, size, POOL_BATCH):
+            batch_images, batch_h = _student_batch(decoder, seed, range(lo, min(lo + POOL_BATCH, size)), device)
+            images.append(batch_images)
+            h.append(batch_h)
+            bar.update(batch_images.shape[0])
+        bar.close()
+        self.images, self.h = torch.cat(images), torch.cat(h)
+
+    def _order(self, pass_index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * pass_index + 1)
+        return torch.randperm(self.size, generator=generator)
+
+    def batch(self, step: int, count: int):
+        """Positions step*count .. (step+1)*count-1 of the endless sequence of shuffled passes over the pool."""
+        start, stop = step * count, (step + 1) * count
+        parts = [torch.zeros(0, dtype=torch.long)]
+        for pass_index in range(start // self.size, (stop - 1) // self.size + 1 if count else 0):
+            offset = pass_index * self.size
+            parts.append(self._order(pass_index)[max(start, offset) - offset: min(stop, offset + self.size) - offset])
+        idx = torch.cat(parts).to(self.images.device)
+        return self.images[idx], self.h[idx]
+
+
+def _mixed_batch(decoder, pairs, opts: EncoderTrainOptions, first: int, size: int, draw: int, device,
+                 pool: StudentPool | None = None):
+    """``size`` images with their targets: student generations (from the pool's step ``draw``, or from latents
+    (seed, first + i)), then the share ``opts.teacher_pairs_fraction`` of teacher images from the training pairs,
+    drawn by (seed, draw)."""
     n_pairs = opts.pair_count(size)
-    images, h = _student_batch(decoder, opts.seed, range(first, first + size - n_pairs), device)
+    if pool is not None:
+        images, h = pool.batch(draw, size - n_pairs)
+    else:
+        images, h = _student_batch(decoder, opts.seed, range(first, first + size - n_pairs), device)
     if n_pairs:
         pair_images, pair_h = _pairs_batch(decoder, pairs, opts.seed, draw, n_pairs, device)
         images, h = torch.cat([images, pair_images]), torch.cat([h, pair_h])
     return images, h
 
 
-def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device):
-    return _mixed_batch(decoder, pairs, opts, step * opts.batch_size, opts.batch_size, step, device)
+def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device, pool: StudentPool | None = None):
+    return _mixed_batch(decoder, pairs, opts, step * opts.batch_size, opts.batch_size, step, device, pool)
 
 
 def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts: EncoderTrainOptions,
@@ -116,10 +164,11 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
+    pool = StudentPool(decoder, opts.seed, opts.pool_size, device) if opts.pool_size else None
     encoder.train()
     bar = progress_bar(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
     while step < opts.steps:
-        images, h = _training_batch(decoder, pairs, opts, step, device)
+        images, h = _training_batch(decoder, pairs, opts, step, device, pool)
         loss = F.mse_loss(encoder(images), h)
         value = loss.item()
         if not math.isfinite(value):
@@ -137,7 +186,7 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state_path)
     bar.close()
     # BatchNorm statistics of the final weights, over the training mixture (student images the training never drew)
-    offset = opts.steps * opts.batch_size
+    offset = opts.pool_size or opts.steps * opts.batch_size
     calibration, _ = _mixed_batch(decoder, pairs, opts, offset, opts.bn_samples, opts.steps, device)
     recalibrate_batchnorm(encoder, calibration, opts.batch_size)
     atomic_save({"options": asdict(opts), "losses": losses, "model": encoder.state_dict()}, final_path)
