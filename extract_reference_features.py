@@ -32,6 +32,9 @@ def build_parser() -> ArgumentParser:
                    help="student generations made once, in large batches, and reused in shuffled passes by the "
                         "image encoder's training (generating costs more than a training step on the result); 0: "
                         "fresh generations every step")
+    p.add_argument("--encoder_frozen_blocks", type=int, default=d.encoder_frozen_blocks,
+                   help="leading encoder blocks (with the input conv) kept at the teacher's weights while the image "
+                        "encoder trains: the full-resolution layers, most of a training step's cost")
     p.add_argument("--encoder_teacher_pairs_fraction", type=float, default=d.encoder_teacher_pairs_fraction,
                    help="share of each image-encoder batch taken from the student's training pairs (the teacher's "
                         "sharp image for a pair's noise, target: the student's bottleneck at that noise), so real "

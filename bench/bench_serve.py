@@ -17,10 +17,11 @@ import torch
 
 from models.api import DirectDecoderPipeline
 from models.io.cli import ArgumentParser, add_cpu_flag
-from models.io.errors import PipelineError, run_cli
+from models.io.errors import PipelineError, require_extra, run_cli
 from models.io.files import require_file
 from models.io.paths import DEFAULT_STUDENT, DEFAULT_TEACHER
 from models.io.records import append_run_record
+from models.server.serving import SERVER_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,8 @@ def main():
     p.add_argument("--record", default=str(REPO / "bench" / "results" / "serve.jsonl"), help="append results here")
     add_cpu_flag(p)
     args = p.parse_args()
-    import httpx
+    require_extra(("httpx",), "test", "test")
+    require_extra(SERVER_MODULES, "serve", "serve")
     require_file(args.teacher, "teacher checkpoint")
     require_file(args.student, "student checkpoint")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)

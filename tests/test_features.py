@@ -175,7 +175,7 @@ def test_encoder_pool_is_the_students_generations_drawn_in_shuffled_passes(tmp_p
     decoder = student.decoder
     pool = StudentPool(decoder, seed=3, size=10, device="cpu")
     images, h = _student_batch(decoder, 3, range(10), "cpu")
-    torch.testing.assert_close(pool.images, images, atol=1e-5, rtol=0)  # built in batches of 256: floats may round
+    torch.testing.assert_close(pool.inputs, images, atol=1e-5, rtol=0)  # built in batches of 256: floats may round
     torch.testing.assert_close(pool.h, h, atol=1e-5, rtol=0)
     drawn = torch.cat([pool.batch(step, 4)[1] for step in range(5)])  # 20 draws = two passes
     rows = [int(((pool.h.flatten(1) - row.flatten()).abs().sum(1)).argmin()) for row in drawn]
@@ -192,6 +192,31 @@ def test_encoder_pool_is_the_students_generations_drawn_in_shuffled_passes(tmp_p
     assert resumed_losses == losses
     with pytest.raises(PipelineError, match="--encoder_pool_size"):
         EncoderTrainOptions(batch_size=8, pool_size=3).validate()  # smaller than the student's 4 of a batch
+
+
+def test_frozen_stem_keeps_the_teachers_layers_and_trains_the_rest(tmp_path, student, teacher, pairs):
+    """--encoder_frozen_blocks 1: the input conv, the time embedding and the first encoder block keep the teacher's
+    weights and BatchNorm statistics; the rest trains; head(stem(x)) is the encoder; resume stays bit-exact."""
+    opts = EncoderTrainOptions(steps=4, batch_size=8, lr=1e-2, save_every=2, bn_samples=16, pool_size=8,
+                               frozen_blocks=1)
+    trained, losses = train_image_encoder(student.decoder, teacher.diffusion.model, teacher.config, opts, tmp_path,
+                                          "cpu", pairs)
+    start = ImageEncoder.from_teacher(teacher.diffusion.model, teacher.config).state_dict()
+    mine = trained.state_dict()
+    stem_keys = [k for k in start if k.startswith(("unet.init_conv.", "unet.time_embedding.",
+                                                   "unet.encoder_blocks.0."))]
+    assert stem_keys and all(torch.equal(mine[k], start[k]) for k in stem_keys)  # weights and running statistics
+    assert any(not torch.equal(mine[k], start[k]) for k in start if k.startswith("unet.mid_block."))
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(trained.head(trained.stem(x, 1), 1), trained(x))
+    (tmp_path / "image_encoder_final.pt").unlink()
+    resumed, resumed_losses = train_image_encoder(student.decoder, teacher.diffusion.model, teacher.config, opts,
+                                                  tmp_path, "cpu", pairs)
+    assert_identical(resumed.state_dict(), trained.state_dict(), "frozen-stem encoder")
+    assert resumed_losses == losses
+    with pytest.raises(PipelineError, match="--encoder_frozen_blocks"):
+        ImageEncoder.from_teacher(teacher.diffusion.model, teacher.config).freeze_stem(3)
 
 
 def test_features_record_the_pairs_the_encoder_used(ref, tiny_pairs):

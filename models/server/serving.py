@@ -13,7 +13,7 @@ from ..io.device import pick_device
 from ..io.errors import PipelineError, require_extra
 from ..io.paths import DEFAULT_STUDENT, DEFAULT_TEACHER, REPO_ROOT
 from ..stages.features import FeatureOptions, extract_reference_features
-from ..stages.pipeline import PRESETS
+from ..stages.pipeline import PRESETS, preset_feature_options
 
 SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "pydantic")
 
@@ -57,9 +57,7 @@ def build_features(teacher: str, student: str, out: Path, cpu: bool) -> Path:
     """Reference features of the pair with the `make demo` preset's extraction settings (minutes on a CPU, once)."""
     preset = PRESETS["demo"]
     print(f"serve: no reference features for this pair yet; extracting them once into {out}")
-    extract_reference_features(FeatureOptions(ddpm_ckpt=teacher, decoder_ckpt=student, output_path=str(out),
-                                              encoder_steps=preset["encoder_steps"],
-                                              batch_size=preset["feature_batch"], cpu=cpu))
+    extract_reference_features(preset_feature_options(preset, teacher, student, str(out), cpu))
     return out
 
 

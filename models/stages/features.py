@@ -65,6 +65,7 @@ class FeatureOptions:
     encoder_lr: float = EncoderTrainOptions.lr
     encoder_teacher_pairs_fraction: float = EncoderTrainOptions.teacher_pairs_fraction
     encoder_pool_size: int = EncoderTrainOptions.pool_size
+    encoder_frozen_blocks: int = EncoderTrainOptions.frozen_blocks
     seed: int = 0
     fp16: bool = False
     store_latents: bool = True
@@ -96,7 +97,7 @@ def _validate(opts: FeatureOptions) -> None:
         raise PipelineError(f"--method must be one of {METHODS}, got {opts.method!r}")
     EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr,
                         teacher_pairs_fraction=opts.encoder_teacher_pairs_fraction,
-                        pool_size=opts.encoder_pool_size).validate()
+                        pool_size=opts.encoder_pool_size, frozen_blocks=opts.encoder_frozen_blocks).validate()
     if opts.dataset is not None and opts.dataset not in SOURCES:
         raise PipelineError(f"--dataset must be one of {SOURCES}, got {opts.dataset!r}")
     check_output_file(opts.output_path, "--output_path")
@@ -170,7 +171,7 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False, *, l
         if method == "image_encoder" and opts.encoder_teacher_pairs_fraction > 0 else None
     encoder_opts = EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr, opts.seed,
                                        teacher_pairs_fraction=opts.encoder_teacher_pairs_fraction if pairs_record else 0.0,
-                                       pool_size=opts.encoder_pool_size)
+                                       pool_size=opts.encoder_pool_size, frozen_blocks=opts.encoder_frozen_blocks)
     out_path = Path(opts.output_path)
     data = load_dataset(source, opts.split, download=opts.download)
     n = min(len(data), opts.limit) if opts.limit else len(data)

@@ -33,7 +33,7 @@ PRESETS = {
     "demo": {"n_pairs": 1200, "pairs_seed": 8, "init_from": DEFAULT_STUDENT,
              "gen_batch": 250, "gen_channels_last": True, "epochs": 3, "train_batch": 32, "lr": 1e-4,
              "val_fraction": 0.2, "perceptual_weight": 0.0, "class_weight": 0.05, "adv_weight": 2.0,
-             "encoder_steps": 300, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
+             "encoder_steps": 300, "encoder_pool_size": 2048, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # The same, but distilling a new student from the teacher alone (about 15 min on a 2-core CPU). At about the
     # same training time, 2,000 pairs in batches of 32 beat 1,000 in batches of 64 (class agreement 53% vs 44%);
     # batch 16 adds 1 point for 40% more time (bench/bench_demo_student.py, BENCHMARKS.md).
@@ -63,9 +63,8 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
                                 lr=p["lr"], perceptual_weight=p["perceptual_weight"], classifier=classifier,
                                 class_weight=p.get("class_weight", 0.0), adv_weight=p.get("adv_weight", 0.0),
                                 val_fraction=p.get("val_fraction", 0.1), init_from=p.get("init_from", ""), cpu=cpu)
-    feats = FeatureOptions(ddpm_ckpt=teacher, decoder_ckpt=str(out / "student" / "best_model.pt"),
-                           batch_size=p["feature_batch"], output_path=str(out / "reference_features.pt"),
-                           encoder_steps=p["encoder_steps"], cpu=cpu)
+    feats = preset_feature_options(p, teacher, str(out / "student" / "best_model.pt"), str(out / "reference_features.pt"),
+                                   cpu)
     attr = AttributionOptions(ddpm_ckpt=teacher, decoder_ckpt=feats.decoder_ckpt, ref_features_path=feats.output_path,
                               n_samples=p["n_attr"], output_dir=str(out / "attribution"), n_eval=p["n_eval"],
                               classifier=classifier, cpu=cpu)
@@ -94,6 +93,13 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     write_report(out, preset, p, teacher, state)
     print(f"run_pipeline: preset {preset} finished; stages took {total:.0f}s in all; report {out / 'report.md'}")
     return state
+
+
+def preset_feature_options(p: dict, teacher: str, student: str, output_path: str, cpu: bool) -> FeatureOptions:
+    """A preset's extraction settings (also what serve.py uses to build a pair's features once)."""
+    return FeatureOptions(ddpm_ckpt=teacher, decoder_ckpt=student, batch_size=p["feature_batch"],
+                          output_path=output_path, encoder_steps=p["encoder_steps"],
+                          encoder_pool_size=p.get("encoder_pool_size", FeatureOptions.encoder_pool_size), cpu=cpu)
 
 
 def _init_from_sampler(student_ckpt: str, teacher: str, preset: str) -> SamplerConfig:

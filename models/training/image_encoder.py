@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +50,14 @@ class EncoderTrainOptions:
     bn_samples: int = 1024
     teacher_pairs_fraction: float = 0.5  # share of each batch from the training pairs' teacher images (0: none)
     pool_size: int = 0                   # student generations made once and reused (0: fresh latents every step)
+    frozen_blocks: int = 0               # leading encoder blocks (with the input conv) kept at the teacher's weights
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "save_every"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"--encoder_{name} must be positive, got {getattr(self, name)}")
+        if self.frozen_blocks < 0:
+            raise PipelineError(f"--encoder_frozen_blocks must be >= 0, got {self.frozen_blocks}")
         if self.pool_size < 0 or 0 < self.pool_size < self.batch_size - self.pair_count(self.batch_size):
             raise PipelineError(f"--encoder_pool_size must be 0 or at least the student's share of a batch, got "
                                 f"{self.pool_size}")
@@ -89,17 +94,17 @@ class StudentPool:
     """``size`` student generations from latents (seed, 0 .. size-1), made once; step s draws the next slice of a
     sequence of permutations fixed by (seed, pass), so a batch depends on (seed, s) alone (resume stays exact)."""
 
-    def __init__(self, decoder, seed: int, size: int, device):
+    def __init__(self, decoder, seed: int, size: int, device, stem: Callable | None = None):
         self.seed, self.size = seed, size
-        images, h = [], []
+        inputs, h = [], []
         bar = progress_bar(total=size, desc="image encoder pool", unit="img", dynamic_ncols=True)
         for lo in range(0, size, POOL_BATCH):
             batch_images, batch_h = _student_batch(decoder, seed, range(lo, min(lo + POOL_BATCH, size)), device)
-            images.append(batch_images)
+            inputs.append(_through(stem, batch_images))
             h.append(batch_h)
             bar.update(batch_images.shape[0])
         bar.close()
-        self.images, self.h = torch.cat(images), torch.cat(h)
+        self.inputs, self.h = torch.cat(inputs), torch.cat(h)  # inputs: the images, or their frozen stem's output
 
     def _order(self, pass_index: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * pass_index + 1)
@@ -112,28 +117,35 @@ class StudentPool:
         for pass_index in range(start // self.size, (stop - 1) // self.size + 1 if count else 0):
             offset = pass_index * self.size
             parts.append(self._order(pass_index)[max(start, offset) - offset: min(stop, offset + self.size) - offset])
-        idx = torch.cat(parts).to(self.images.device)
-        return self.images[idx], self.h[idx]
+        idx = torch.cat(parts).to(self.inputs.device)
+        return self.inputs[idx], self.h[idx]
+
+
+@torch.no_grad()
+def _through(stem: Callable | None, images: torch.Tensor) -> torch.Tensor:
+    return images if stem is None else stem(images)
 
 
 def _mixed_batch(decoder, pairs, opts: EncoderTrainOptions, first: int, size: int, draw: int, device,
-                 pool: StudentPool | None = None):
-    """``size`` images with their targets: student generations (from the pool's step ``draw``, or from latents
-    (seed, first + i)), then the share ``opts.teacher_pairs_fraction`` of teacher images from the training pairs,
-    drawn by (seed, draw)."""
+                 pool: StudentPool | None = None, stem: Callable | None = None):
+    """``size`` encoder inputs (images, or with ``stem`` their frozen stem's output) with their targets: student
+    generations (from the pool's step ``draw``, or from latents (seed, first + i)), then the share
+    ``opts.teacher_pairs_fraction`` of teacher images from the training pairs, drawn by (seed, draw)."""
     n_pairs = opts.pair_count(size)
     if pool is not None:
-        images, h = pool.batch(draw, size - n_pairs)
+        inputs, h = pool.batch(draw, size - n_pairs)
     else:
         images, h = _student_batch(decoder, opts.seed, range(first, first + size - n_pairs), device)
+        inputs = _through(stem, images)
     if n_pairs:
         pair_images, pair_h = _pairs_batch(decoder, pairs, opts.seed, draw, n_pairs, device)
-        images, h = torch.cat([images, pair_images]), torch.cat([h, pair_h])
-    return images, h
+        inputs, h = torch.cat([inputs, _through(stem, pair_images)]), torch.cat([h, pair_h])
+    return inputs, h
 
 
-def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device, pool: StudentPool | None = None):
-    return _mixed_batch(decoder, pairs, opts, step * opts.batch_size, opts.batch_size, step, device, pool)
+def _training_batch(decoder, pairs, opts: EncoderTrainOptions, step: int, device, pool: StudentPool | None = None,
+                    stem: Callable | None = None):
+    return _mixed_batch(decoder, pairs, opts, step * opts.batch_size, opts.batch_size, step, device, pool, stem)
 
 
 def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts: EncoderTrainOptions,
@@ -153,7 +165,8 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
         if final.get("options") == asdict(opts):
             encoder.load_state_dict(final["model"])
             return encoder.eval().requires_grad_(False), final["losses"]
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=opts.lr, weight_decay=0.0)
+    encoder.freeze_stem(opts.frozen_blocks)
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=opts.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.steps))
     step, losses = 0, []
     if state_path.exists():
@@ -164,12 +177,15 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
-    pool = StudentPool(decoder, opts.seed, opts.pool_size, device) if opts.pool_size else None
+    n_frozen = opts.frozen_blocks
+    stem = partial(encoder.stem, n_blocks=n_frozen) if n_frozen else None
+    predict = partial(encoder.head, n_blocks=n_frozen) if n_frozen else encoder
     encoder.train()
+    pool = StudentPool(decoder, opts.seed, opts.pool_size, device, stem) if opts.pool_size else None
     bar = progress_bar(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
     while step < opts.steps:
-        images, h = _training_batch(decoder, pairs, opts, step, device, pool)
-        loss = F.mse_loss(encoder(images), h)
+        inputs, h = _training_batch(decoder, pairs, opts, step, device, pool, stem)
+        loss = F.mse_loss(predict(inputs), h)
         value = loss.item()
         if not math.isfinite(value):
             raise PipelineError(f"image-encoder loss became {value} at step {step}; lower --encoder_lr")
@@ -187,8 +203,11 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
     bar.close()
     # BatchNorm statistics of the final weights, over the training mixture (student images the training never drew)
     offset = opts.pool_size or opts.steps * opts.batch_size
-    calibration, _ = _mixed_batch(decoder, pairs, opts, offset, opts.bn_samples, opts.steps, device)
-    recalibrate_batchnorm(encoder, calibration, opts.batch_size)
+    calibration, _ = _mixed_batch(decoder, pairs, opts, offset, opts.bn_samples, opts.steps, device, stem=stem)
+    if n_frozen:  # the stem keeps the teacher's statistics
+        recalibrate_batchnorm(encoder.head_modules(n_frozen), calibration, opts.batch_size, forward=predict)
+    else:
+        recalibrate_batchnorm(encoder, calibration, opts.batch_size)
     atomic_save({"options": asdict(opts), "losses": losses, "model": encoder.state_dict()}, final_path)
     return encoder.eval().requires_grad_(False), losses
 
