@@ -135,6 +135,15 @@ class Ranks:
             dist.all_reduce(total)
         return total
 
+    def copy_from_main_(self, module: torch.nn.Module) -> None:
+        """In place: rank 0's weights and buffers in ``module`` on every rank (what DDP does for the module it
+        wraps), for a model trained beside DDP whose start must not depend on what each rank drew before."""
+        if not self.active:
+            return
+        with peer_failures("a broadcast of weights"):
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
     def weighted_mean_(self, tensors: Iterable[torch.Tensor], weight: float) -> None:
         """In place: sum over ranks of weight * tensor, one all-reduce for all of them. With weight = this rank's
         share of the global batch, per-rank gradients of per-rank mean losses become the gradient of the global

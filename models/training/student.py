@@ -390,6 +390,8 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
 
     ranks.main_only(record_start)
     model = student
+    if adversarial is not None:  # rank 0 alone drew the validation classifier's init: the ranks' draws differ
+        ranks.copy_from_main_(adversarial.discriminator)
     if ranks.active:  # after any restore: DDP starts every rank from rank 0's weights and buffers
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
