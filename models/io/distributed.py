@@ -224,4 +224,6 @@ def naming_rank(ranks: Ranks) -> Iterator[None]:
     except RankFailed:
         raise
     except PipelineError as err:
+        if str(err).startswith(ranks.describe()):  # named already, by a stage inside another (the pipeline)
+            raise
         raise PipelineError(f"{ranks.describe()}: {err}", err.exit_code) from None
