@@ -201,7 +201,7 @@ def test_torchrun_resume_is_bit_exact(ddp_student, tiny_teacher_ckpt, tiny_pairs
 def test_a_nan_loss_on_the_ranks_stops_the_job_in_one_line_without_a_checkpoint(tiny_teacher_ckpt, tiny_pairs,
                                                                                  tmp_path):
     data = load_pt(tiny_pairs)
-    data["images"][:] = float("nan")
+    data["images"][:] = 3e38  # finite (the pairs load), but the squared error overflows: the loss is Inf
     torch.save(data, tmp_path / "training_data.pt")
     out = tmp_path / "out"
     proc = run(readme_command("train_direct_decoder.py") + ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path",
@@ -258,6 +258,7 @@ def test_a_step_splits_into_contiguous_shares_differing_by_at_most_one():
 
 def test_one_line_for_a_failure_however_many_ranks_see_it(monkeypatch):
     """agree(): the lowest failing rank raises its own error; every other rank exits quietly (RankFailed)."""
+    from models.io import distributed
     from models.io.distributed import Ranks, RankFailed
     from models.io.errors import PipelineError
     outcomes = [None, ("teacher checkpoint not found: t.pt", 2, False), ("other", 1, False)]
@@ -268,6 +269,7 @@ def test_one_line_for_a_failure_however_many_ranks_see_it(monkeypatch):
     for rank, expected in ((0, RankFailed), (1, PipelineError), (2, RankFailed)):
         ranks = Ranks(rank, 3)
         monkeypatch.setattr(Ranks, "gather", lambda self, obj: outcomes)
+        monkeypatch.setattr(distributed, "QUIET_EXIT_GRACE_S", 0.0)
         with pytest.raises(PipelineError) as err:
             ranks.agree(fail if rank == 1 else (lambda: None))
         assert type(err.value) is expected and err.value.exit_code == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,11 +27,19 @@ from .errors import PipelineError
 
 # The longest any rank waits at a collective: rank 0's evaluation between epochs, the last round of shards.
 TIMEOUT = timedelta(minutes=60)
+# How long a rank that stays quiet waits before exiting: torchrun stops every rank once one exits, so the rank that
+# prints the failure must exit first (its exit ends the wait).
+QUIET_EXIT_GRACE_S = 10.0
 
 
 class RankFailed(PipelineError):
     """Another rank failed and printed why; this one exits with the same code and no line of its own."""
     quiet = True
+
+
+def _quiet(message: str, exit_code: int) -> RankFailed:
+    time.sleep(QUIET_EXIT_GRACE_S)
+    return RankFailed(message, exit_code)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class Ranks:
             first, (message, code, _) = loud[0]
             if first == self.rank and failure is not None:
                 raise failure
-            raise RankFailed(f"rank {first} failed: {message}", code)
+            raise _quiet(f"rank {first} failed: {message}", code)
         return result
 
     def everywhere(self, fn: Callable[[], Any]) -> Any:
@@ -86,7 +95,7 @@ class Ranks:
         except PipelineError as err:
             if self.is_main or getattr(err, "quiet", False):
                 raise
-            raise RankFailed(str(err), err.exit_code) from None
+            raise _quiet(str(err), err.exit_code) from None
 
     def main_only(self, fn: Callable[[], Any]) -> Any:
         """``fn`` run by rank 0 alone (shared files, locks); its result, or its failure, reaches every rank."""
@@ -185,8 +194,11 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
+_failed = False  # a failed run skips the teardown: with a peer gone, NCCL's could block the exit
+
+
 def _stop() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and not _failed:
         dist.destroy_process_group()
 
 
@@ -215,15 +227,18 @@ def peer_failures(during: str) -> Iterator[None]:
 def naming_rank(ranks: Ranks) -> Iterator[None]:
     """Around a stage under torchrun: its one-line errors name the rank that raised them, and a collective broken
     by a dead peer (inside DDP's backward, say) exits quietly instead of with a traceback."""
+    global _failed
     if not ranks.active:
         yield
         return
     try:
         with peer_failures("the run"):
             yield
-    except RankFailed:
-        raise
     except PipelineError as err:
-        if str(err).startswith(ranks.describe()):  # named already, by a stage inside another (the pipeline)
-            raise
+        _failed = True
+        if isinstance(err, RankFailed) or str(err).startswith(ranks.describe()):  # quiet, or named already (a
+            raise                                                                 # stage inside the pipeline)
         raise PipelineError(f"{ranks.describe()}: {err}", err.exit_code) from None
+    except BaseException:
+        _failed = True
+        raise
