@@ -331,6 +331,8 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
                                                         "global_context": _init_context(opts, init)}}
     if ranks.active:
         resolved["world_size"] = ranks.world
+        ranks.agree(lambda: ranks.require_same((teacher.sha256, resolved["training_data"]["sha256"]),
+                                               "teacher or pairs file (sha256)"))
     if dry_run:
         say(json.dumps(resolved, indent=2, default=str))
         return resolved
