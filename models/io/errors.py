@@ -40,7 +40,8 @@ def run_cli(main: Callable[[], Any], resumable: bool = True) -> None:
         main()
     except PipelineError as err:
         _close_progress_bars()
-        print(f"error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: another torchrun rank printed the line (io/distributed.py)
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()

@@ -5,6 +5,10 @@ identity skips finished shards, one with another identity is refused rather than
 sha256 is recorded there before the shard takes its name, and checked when a rerun starts: a shard changed on disk
 since (or left by an older version, without a checksum) is regenerated, never trusted. Shards are removed only after the
 caller has written and verified the assembled result.
+
+Under torchrun every rank saves its own shards into the one directory; a rank other than 0 records its checksums in
+its own checksums.rankR.json (never two writers on one file), which the next start (or rank 0, before it assembles)
+merges into progress.json.
 """
 from __future__ import annotations
 
@@ -22,13 +26,23 @@ from .files import atomic_save, atomic_write_json, sha256_file
 
 
 class ShardedJob:
-    def __init__(self, shard_dir: Path, identity: dict, n_items: int, shard_size: int):
+    def __init__(self, shard_dir: Path, identity: dict, n_items: int, shard_size: int, writer: int = 0,
+                 attach: bool = False):
+        """``writer``: the torchrun rank saving shards through this object (0 when single). ``attach``: join the job
+        rank 0 has just set up in ``shard_dir`` (no clean-up, no merge: that is rank 0's)."""
         self.dir = Path(shard_dir)
         self.n = n_items
+        self.writer = writer
+        self._own: dict[str, str] = {}
         fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.progress = self.dir / "progress.json"
+        if attach:
+            self._attach(fingerprint)
+            return
         if self.progress.exists() and not any(self.dir.glob("shard_*.pt")):
             self.progress.unlink()  # a run stopped before its first shard: nothing to mix up, start afresh
+            for records in self._rank_records():
+                records.unlink()
         if self.progress.exists():
             self.state = json.loads(self.progress.read_text())
             if self.state["fingerprint"] != fingerprint:
@@ -41,6 +55,31 @@ class ShardedJob:
         self.state.setdefault("sha256", {})
         self.shard_size = self.state["shard_size"]
         self.ranges = [(s, min(s + self.shard_size, n_items)) for s in range(0, n_items, self.shard_size)]
+        self.refresh()
+
+    def _attach(self, fingerprint: str) -> None:
+        state = json.loads(self.progress.read_text()) if self.progress.exists() else {}
+        if state.get("fingerprint") != fingerprint:
+            raise PipelineError(f"{self.progress}, just written by rank 0, is not visible here: the output directory "
+                                "must be on a filesystem every node shares")
+        self.state = state
+        self.state.setdefault("sha256", {})
+        self.shard_size = self.state["shard_size"]
+        self.ranges = [(s, min(s + self.shard_size, self.n)) for s in range(0, self.n, self.shard_size)]
+
+    def _rank_records(self) -> list[Path]:
+        return sorted(self.dir.glob("checksums.rank*.json"))
+
+    def refresh(self) -> None:
+        """Takes in the checksums other ranks recorded, then drops what does not match them (see _drop_untrusted).
+        Only while no other rank is saving: at the start, or once every rank has finished."""
+        found = self._rank_records()
+        for records in found:
+            self.state["sha256"].update(json.loads(records.read_text()))
+        if found:
+            atomic_write_json(self.state, self.progress)
+            for records in found:
+                records.unlink()
         self._drop_untrusted()
 
     def _drop_untrusted(self) -> None:
@@ -75,7 +114,11 @@ class ShardedJob:
     def _record_checksum(self, tmp: Path, final: Path) -> None:
         """Before the shard takes its name, so every shard under its name has its checksum recorded."""
         self.state["sha256"][final.name] = sha256_file(tmp)
-        atomic_write_json(self.state, self.progress)
+        if self.writer == 0:
+            atomic_write_json(self.state, self.progress)
+        else:
+            self._own[final.name] = self.state["sha256"][final.name]
+            atomic_write_json(self._own, self.dir / f"checksums.rank{self.writer}.json")
 
     def iter_shards(self) -> Iterator[dict]:
         for r in self.ranges:

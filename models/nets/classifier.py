@@ -60,9 +60,14 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     """Shifts each image by its own integer offset in [-max_shift, max_shift], filling with background (-1)."""
     if max_shift <= 0:
         return x
+    return shift_images(x, max_shift, torch.randint(0, 2 * max_shift + 1, (2, x.shape[0]), generator=generator))
+
+
+def shift_images(x: torch.Tensor, max_shift: int, shifts: torch.Tensor) -> torch.Tensor:
+    """Image i moved by (shifts[0, i] - max_shift, shifts[1, i] - max_shift) pixels, background (-1) filled in."""
     n, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(x.device)
+    dy, dx = shifts.to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
     return padded[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..diffusion.sampling import DEFAULT_DDIM_STEPS, SamplerConfig
 from ..io.checkpoints import load_checkpoint
+from ..io.device import pick_device
+from ..io.distributed import naming_rank, start as start_ranks
 from ..io.errors import PipelineError
 from ..io.files import atomic_write_json, atomic_write_text, prepare_output_dir, sha256_file
 from ..io.paths import DEFAULT_CLASSIFIER, DEFAULT_STUDENT
@@ -72,26 +74,34 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
               ("train", lambda: train_student(train, resume=True), out / "student" / "evaluation.json"),
               ("extract", lambda: extract_reference_features(feats), out / "reference_features.pt"),
               ("attribute", lambda: attribution_generation(attr), out / "attribution" / "attribution_report.json")]
+    # Under torchrun generation and training use every rank; features, attribution and bookkeeping run on rank 0.
+    ranks, _ = start_ranks(pick_device(cpu))
+    say = print if ranks.is_main else (lambda *args: None)
     if dry_run:
         plan = {"preset": preset, "settings": p, "teacher": teacher, "teacher_sampler": sampler.to_dict(), "output_dir": str(out),
                 "stages": [s[0] for s in stages]}
-        print(json.dumps(plan, indent=2))
+        say(json.dumps(plan, indent=2))
         return plan
-    prepare_output_dir(out)
-    state_path = out / "pipeline_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"preset": preset, "stages": {}}
-    for name, call, product in stages:
-        if name in state["stages"] and product.exists():
-            print(f"[{name}] done earlier ({state['stages'][name]['wall_s']:.0f}s); skipping")
-            continue
-        print(f"[{name}] starting")
-        start = time.perf_counter()
-        call()
-        state["stages"][name] = {"wall_s": time.perf_counter() - start}
-        atomic_write_json(state, state_path)
-    total = sum(s["wall_s"] for s in state["stages"].values())
-    write_report(out, preset, p, teacher, state)
-    print(f"run_pipeline: preset {preset} finished; stages took {total:.0f}s in all; report {out / 'report.md'}")
+    with naming_rank(ranks):
+        ranks.main_only(lambda: prepare_output_dir(out) and None)
+        state_path = out / "pipeline_state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"preset": preset, "stages": {}}
+        for name, call, product in stages:
+            if ranks.broadcast(name in state["stages"] and product.exists()):
+                if ranks.is_main:
+                    print(f"[{name}] done earlier ({state['stages'][name]['wall_s']:.0f}s); skipping")
+                continue
+            say(f"[{name}] starting")
+            start = time.perf_counter()
+            if name in ("generate", "train"):
+                call()
+            else:
+                ranks.main_only(lambda: call() and None)
+            state["stages"][name] = {"wall_s": time.perf_counter() - start}
+            ranks.main_only(lambda: atomic_write_json(state, state_path))
+        total = sum(s["wall_s"] for s in state["stages"].values())
+        ranks.main_only(lambda: write_report(out, preset, p, teacher, state))
+    say(f"run_pipeline: preset {preset} finished; stages took {total:.0f}s in all; report {out / 'report.md'}")
     return state
 
 

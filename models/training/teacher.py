@@ -17,6 +17,7 @@ from ..diffusion.sampling import teacher_sample
 from ..evaluation.plots import plot_metric_curves
 from ..io.checkpoints import load_checkpoint
 from ..io.device import pick_device
+from ..io.distributed import Ranks, naming_rank, start as start_ranks
 from ..io.errors import PipelineError
 from ..io.files import append_jsonl, atomic_save, atomic_write_json, prepare_output_dir, truncate_jsonl
 from ..io.guards import holds_output_locks
@@ -106,31 +107,48 @@ def _batch_indices(seed: int, step: int, per_epoch: int, batch_size: int, n: int
 
 @holds_output_locks
 def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool = False, *, locks) -> dict:
-    for name in ("batch_size", "epochs", "ema_every", "save_every", "base_dim", "timesteps"):
-        if getattr(opts, name) <= 0:
-            raise PipelineError(f"--{name} must be positive, got {getattr(opts, name)}")
-    if opts.time_embedding_init not in TIME_EMBEDDING_INITS:
-        raise PipelineError(f"--time_embedding_init must be one of {', '.join(TIME_EMBEDDING_INITS)}, "
-                            f"got {opts.time_embedding_init!r}")
-    if not (opts.lr > 0 and math.isfinite(opts.lr)):
-        raise PipelineError(f"--lr must be a positive number, got {opts.lr}")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    """Under torchrun: DistributedDataParallel, --batch_size the global batch split over the ranks, each rank
+    taking its rows of the batch, timesteps and noise one process draws; rank 0 alone samples grids and saves."""
+    ranks, device = start_ranks(pick_device(opts.cpu))
+    with naming_rank(ranks):
+        return _train_teacher(opts, resume, dry_run, locks, ranks, device)
+
+
+def _train_teacher(opts: TeacherTrainOptions, resume: bool, dry_run: bool, locks, ranks: Ranks, device) -> dict:
     out = Path(opts.output_dir)
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"output directory {out} exists and is a file; choose another --output_dir")
-    device = pick_device(opts.cpu)
-    data = load_dataset(opts.dataset, "train", download=opts.download)
-    total, per_epoch = _total_steps(opts, len(data))
-    if total < 8:
-        raise PipelineError(f"{total} steps is too short for upstream's OneCycle schedule; use --steps 8 or more")
+
+    def prepare():
+        for name in ("batch_size", "epochs", "ema_every", "save_every", "base_dim", "timesteps"):
+            if getattr(opts, name) <= 0:
+                raise PipelineError(f"--{name} must be positive, got {getattr(opts, name)}")
+        if opts.time_embedding_init not in TIME_EMBEDDING_INITS:
+            raise PipelineError(f"--time_embedding_init must be one of {', '.join(TIME_EMBEDDING_INITS)}, "
+                                f"got {opts.time_embedding_init!r}")
+        if not (opts.lr > 0 and math.isfinite(opts.lr)):
+            raise PipelineError(f"--lr must be a positive number, got {opts.lr}")
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        if out.exists() and not out.is_dir():
+            raise PipelineError(f"output directory {out} exists and is a file; choose another --output_dir")
+        data = load_dataset(opts.dataset, "train", download=opts.download)
+        total, per_epoch = _total_steps(opts, len(data))
+        if total < 8:
+            raise PipelineError(f"{total} steps is too short for upstream's OneCycle schedule; use --steps 8 or more")
+        if ranks.active and opts.batch_size < ranks.world:
+            raise PipelineError(f"--batch_size {opts.batch_size} is smaller than the {ranks.world} ranks sharing it")
+        init = None
+        if opts.init_from:
+            init = load_teacher(opts.init_from, device)  # validates the file; its architecture wins over the flags
+            require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")  # continued too
+        return data, total, per_epoch, init
+
+    data, total, per_epoch, init = ranks.agree(prepare)
+    say = print if ranks.is_main else (lambda *args: None)
     epochs = total / per_epoch
     decay = upstream_ema_decay(opts.ema_decay, opts.batch_size, opts.ema_every, epochs)
     model_args = TeacherConfig(base_dim=opts.base_dim, dim_mults=list(opts.dim_mults), timesteps=opts.timesteps)
-    init, steps_before = None, 0
-    if opts.init_from:
-        init = load_teacher(opts.init_from, device)  # validates the file; its architecture wins over the flags
-        require_finite_checkpoint(init.checkpoint["model"], init.path, "--init_from")  # continued too
+    steps_before = 0
+    if init is not None:
         model_args = init.config
         steps_before = total_steps(init.checkpoint)
     resolved = {"options": asdict(opts), "model_args": model_args.to_dict(), "total_steps": total,
@@ -138,11 +156,19 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
                 "init_from": {"path": init.path, "sha256": init.sha256} if init else None,
                 "steps_per_epoch": per_epoch, "effective_ema_decay": decay, "device": str(device),
                 "n_images": len(data)}
+    if ranks.active:
+        resolved["world_size"] = ranks.world
     if dry_run:
-        print(json.dumps(resolved, indent=2))
+        say(json.dumps(resolved, indent=2))
         return resolved
-    prepare_output_dir(out)
-    locks.hold(out)
+
+    def claim():
+        prepare_output_dir(out)
+        locks.hold(out)
+        latest = checkpoint_to_resume(list_checkpoints(out), resume, out)
+        return None if latest is None else str(latest)
+
+    latest = ranks.main_only(claim)
 
     torch.manual_seed(opts.seed)
     diffusion = MNISTDiffusion(model_args).to(device)
@@ -161,67 +187,103 @@ def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, opts.lr, total_steps=total, pct_start=0.25,
                                                     anneal_strategy="cos")
     step = 0
-    latest = checkpoint_to_resume(list_checkpoints(out), resume, out)
-    if latest is not None:
-        ckpt = load_checkpoint(latest, device, what="checkpoint to resume")
+
+    def restore() -> int:
+        ckpt = load_checkpoint(Path(latest), device, what="checkpoint to resume")
         saved = ckpt.get("config", {}).get("options", {})
         for key in ("dataset", "batch_size", "lr", "base_dim", "dim_mults", "timesteps", "seed", "ema_every",
                     "ema_decay", "freeze_batchnorm"):
             if key in saved and saved[key] != getattr(opts, key):
                 raise PipelineError(f"--resume with a different {key} ({getattr(opts, key)} vs {saved[key]} "
-                                    f"in {latest.name}); use the original options")
+                                    f"in {Path(latest).name}); use the original options")
         if ckpt.get("config", {}).get("total_steps") != total:
             raise PipelineError(f"--resume with a different length ({total} steps vs "
                                 f"{ckpt['config'].get('total_steps')}); use the original --steps/--epochs")
         restore_training_state(ckpt, diffusion, ema, optimizer, scheduler)
-        step = int(ckpt["step"])
-        print(f"resumed from {latest} at step {step}/{total}")
-    truncate_jsonl(out / "stats.jsonl", "step", step)  # records of steps whose checkpoint was never written
-    atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
+        return int(ckpt["step"])
+
+    if latest is not None:
+        step = ranks.agree(restore)  # every rank reads rank 0's checkpoint (a shared filesystem)
+        say(f"resumed from {latest} at step {step}/{total}")
+
+    def record_start():
+        truncate_jsonl(out / "stats.jsonl", "step", step)  # records of steps whose checkpoint was never written
+        atomic_write_json(resolved | {"versions": software_versions()}, out / "training_options.json")
+
+    ranks.main_only(record_start)
+    model = diffusion
+    if ranks.active:  # after any restore: DDP starts every rank from rank 0's weights and buffers
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(diffusion, device_ids=[device] if device.type == "cuda" else None)
 
     images = data.images.to(device)
     grid_noise = per_sample_noise(opts.seed, range(opts.n_samples), stream=7, device=device)
     stats_path = out / "stats.jsonl"
     start_time, run_loss, run_n = time.perf_counter(), 0.0, 0
     train_mode(diffusion, opts.freeze_batchnorm)
-    bar = progress_bar(total=total, initial=step, desc="train_ddpm", unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=step, desc="train_ddpm", unit="step", dynamic_ncols=True,
+                       disable=not ranks.is_main)
     while step < total:
         gen = step_generator(opts.seed, step)
         idx = _batch_indices(opts.seed, step, per_epoch, opts.batch_size, len(data))
         x0 = images[idx]
         t = torch.randint(0, model_args.timesteps, (len(idx),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        loss = torch.nn.functional.mse_loss(diffusion(x0, noise, t), noise)
-        if not torch.isfinite(loss):
-            raise PipelineError(f"loss became {loss.item()} at step {step}; last good checkpoint kept in {out}")
-        loss.backward()
+        if ranks.active:  # this rank's rows of what one process draws, and its share of the batch's mean
+            lo, hi = ranks.split(len(idx))
+            share = (hi - lo) / len(idx)
+            x0, t, noise = x0[lo:hi], t[lo:hi], noise[lo:hi]
+        loss = torch.nn.functional.mse_loss(model(x0, noise, t), noise)
+        value = loss.item() if not ranks.active else \
+            ranks.sum(torch.tensor([loss.item() * share], dtype=torch.float64, device=device)).item()
+        if not math.isfinite(value):
+            ranks.everywhere(_refuse(f"loss became {value} at step {step}; last good checkpoint kept in {out}"))
+        (loss * (share * ranks.world) if ranks.active else loss).backward()  # DDP averages over ranks
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if step % opts.ema_every == 0:
             ema.update_parameters(diffusion)
         step += 1
-        run_loss += loss.item()
+        run_loss += value
         run_n += 1
         bar.update(1)
-        if step % opts.log_every == 0 or step == total:
+        if ranks.is_main and (step % opts.log_every == 0 or step == total):
             bar.set_postfix(loss=f"{run_loss / run_n:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             append_jsonl({"step": step, "epoch": step / per_epoch, "loss": run_loss / run_n,
                           "lr": scheduler.get_last_lr()[0], "it_per_s": bar.format_dict.get("rate")}, stats_path)
+        if step % opts.log_every == 0 or step == total:
             run_loss, run_n = 0.0, 0
         if step % per_epoch == 0 or step == total:
-            _sample_grid(ema.module, grid_noise, opts.sample_steps, out / f"steps_{step:08d}.png")
+            ranks.main_only(lambda: _sample_grid(ema.module, grid_noise, opts.sample_steps,
+                                                 out / f"steps_{step:08d}.png"))
         if step % opts.save_every == 0 or step == total:
-            _save(out, step, diffusion, ema, optimizer, scheduler, resolved, data.source)
-            for old in list_checkpoints(out)[:-opts.keep_last]:
-                old.unlink(missing_ok=True)
-            if stats_path.exists():
-                plot_metric_curves(stats_path, out / "loss.png", keys=("loss",), x="step", log_y=True)
+            ranks.main_only(lambda: _save_and_prune(out, step, diffusion, ema, optimizer, scheduler, resolved,
+                                                    data.source, opts.keep_last, stats_path))
     bar.close()
-    final = list_checkpoints(out)[-1]
-    summary = {"checkpoint": str(final), "steps": step, "wall_s": time.perf_counter() - start_time}
-    print(f"train_ddpm: {step} steps, {summary['wall_s']:.0f} s this run, checkpoint {final}")
-    return summary
+
+    def finish():
+        final = list_checkpoints(out)[-1]
+        summary = {"checkpoint": str(final), "steps": step, "wall_s": time.perf_counter() - start_time}
+        print(f"train_ddpm: {step} steps, {summary['wall_s']:.0f} s this run, checkpoint {final}")
+        return summary
+
+    return ranks.main_only(finish)
+
+
+def _refuse(message: str):
+    def fail():
+        raise PipelineError(message)
+    return fail
+
+
+def _save_and_prune(out: Path, step: int, diffusion, ema, optimizer, scheduler, resolved: dict, source: str,
+                    keep_last: int, stats_path: Path) -> None:
+    _save(out, step, diffusion, ema, optimizer, scheduler, resolved, source)
+    for old in list_checkpoints(out)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    if stats_path.exists():
+        plot_metric_curves(stats_path, out / "loss.png", keys=("loss",), x="step", log_y=True)
 
 
 @torch.no_grad()
