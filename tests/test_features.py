@@ -175,7 +175,7 @@ def test_encoder_pool_is_the_students_generations_drawn_in_shuffled_passes(tmp_p
     decoder = student.decoder
     pool = StudentPool(decoder, seed=3, size=10, device="cpu")
     images, h = _student_batch(decoder, 3, range(10), "cpu")
-    torch.testing.assert_close(pool.inputs, images, atol=1e-5, rtol=0)  # built in batches of 256: floats may round
+    torch.testing.assert_close(pool.inputs, images, atol=1e-5, rtol=0)  # built in batches of 128: floats may round
     torch.testing.assert_close(pool.h, h, atol=1e-5, rtol=0)
     drawn = torch.cat([pool.batch(step, 4)[1] for step in range(5)])  # 20 draws = two passes
     rows = [int(((pool.h.flatten(1) - row.flatten()).abs().sum(1)).argmin()) for row in drawn]

@@ -87,7 +87,7 @@ def _pairs_batch(decoder, pairs: dict, seed: int, step: int, count: int, device)
     return pairs["images"][idx].to(device).float().clamp(-1, 1), h.float().clone()
 
 
-POOL_BATCH = 256  # generations per pass while the pool is built (fixed: the pool must not depend on a batch flag)
+POOL_BATCH = 128  # generations per pass while the pool is built (fixed: the pool must not depend on a batch flag)
 
 
 class StudentPool:
