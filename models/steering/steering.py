@@ -120,6 +120,9 @@ class Steering:
 
     @torch.inference_mode()
     def attribute_shape(self, images: torch.Tensor, k: int):
+        """Top-k training images (scores, indices, labels) of any images by digit shape (models/steering/
+        shape_match.py); the reference views are built at first use."""
+        self.resolve_attribute_by(SHAPE)  # features without the rule: one line saying so
         settings = ShapeMatch.from_dict(self.attribution["settings"])
         if self._shape_views is None:
             self._shape_views = reference_views(self.attribution["images"].float().to(self.device), settings)
