@@ -1,9 +1,11 @@
 """Generate with include / exclude / class hooks in the direct decoder's bottleneck, and attribute each
-generation to the training images whose reference features it most resembles."""
+generation to the training images it most resembles (by digit shape where the reference features carry that rule,
+else by bottleneck features)."""
 
 from models.io.cli import ArgumentParser, add_common, options_from_args
 from models.io.errors import run_cli
 from models.stages.attribution import AttributionOptions, attribution_generation
+from models.steering.steering import ATTRIBUTE_BY
 
 
 def build_parser() -> ArgumentParser:
@@ -21,10 +23,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--strength", type=float, nargs="+", default=d.strength,
                    help="hook strength in [0, 1]; several values make a sweep (the first names the main PNGs)")
     p.add_argument("--top_k", type=int, default=d.top_k, help="training images reported per generation")
-    p.add_argument("--attribute_by", choices=["bottleneck", "image"], default=d.attribute_by,
-                   help="place each generation among the training images by the bottleneck features that made it, "
-                        "or by its image read back through the reference features' image encoder (the path the "
-                        "training images took)")
+    p.add_argument("--attribute_by", choices=["auto", *ATTRIBUTE_BY], default=d.attribute_by,
+                   help="place each generation among the training images by its digit shape (shape: pixels compared "
+                        "with tolerance for small shifts, rotations and stroke width), by the bottleneck features "
+                        "that made it (bottleneck), or by its image read back through the reference features' image "
+                        "encoder (image); auto: the reference features' default rule (shape when they carry it)")
     p.add_argument("--seed", type=int, default=d.seed, help="noise of sample i depends only on (seed, i)")
     p.add_argument("--n_eval", type=int, default=d.n_eval, help="generations per strength in the evaluation")
     p.add_argument("--no_evaluate", dest="evaluate", action="store_false",

@@ -3,7 +3,7 @@
 from models.data.datasets import SOURCES
 from models.io.cli import ArgumentParser, add_common, options_from_args
 from models.io.errors import run_cli
-from models.stages.features import FeatureOptions, extract_reference_features
+from models.stages.features import ATTRIBUTION_RULES, FeatureOptions, extract_reference_features
 
 
 def build_parser() -> ArgumentParser:
@@ -44,6 +44,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--inversion_steps", type=int, default=d.inversion_steps,
                    help="DDIM inversion steps, evenly spaced from t = 0 up to the first timestep of the sampler "
                         "that made the student's training pairs (read from the student checkpoint)")
+    p.add_argument("--attribution_rule", choices=ATTRIBUTION_RULES, default=d.attribution_rule,
+                   help="the attribution rule these features serve by default: shape (digit shape, pixels compared "
+                        "with tolerance for small shifts, rotations and stroke width; stores the reference images, "
+                        "a few MB, and needs no training or labels; BENCHMARKS.md, Attribution) or bottleneck "
+                        "(cosine of bottleneck features)")
     p.add_argument("--fp16", action="store_true", help="store features as float16 (half the file size)")
     p.add_argument("--no_latents", dest="store_latents", action="store_false",
                    help="do not store the latents (ddim_inversion; the image encoder has none)")

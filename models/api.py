@@ -4,7 +4,7 @@ flags), generate with any hook, and get attributions back as tensors.
     from models.api import DirectDecoderPipeline
     pipe = DirectDecoderPipeline.load("teacher.pt", "best_model.pt", "reference_features.pt")
     out = pipe.generate(16, hook=pipe.toward_class(3, 0.8))
-    out.images, out.top_k_indices, out.top_k_labels
+    out.images, out.top_k_indices, out.top_k_labels, out.top_k_percentiles
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ class Generation:
     top_k_scores: Optional[torch.Tensor] = None
     top_k_indices: Optional[torch.Tensor] = None
     top_k_labels: Optional[torch.Tensor] = None
+    top_k_percentiles: Optional[torch.Tensor] = None  # each score among the reference set's nearest-neighbour scores
+    attribute_by: Optional[str] = None                # the rule that chose the top-k
 
 
 class DirectDecoderPipeline:
@@ -75,26 +77,40 @@ class DirectDecoderPipeline:
 
     @torch.inference_mode()
     def generate(self, n: int = 16, seed: int = 0, hook: Optional[Hook] = None, top_k: int = 5,
-                 noise: Optional[torch.Tensor] = None, attribute_by: str = "bottleneck") -> Generation:
-        """``attribute_by``: place each generation among the training images by the bottleneck features that made
-        it, or by its image read back through the image encoder ("image")."""
+                 noise: Optional[torch.Tensor] = None, attribute_by: Optional[str] = None) -> Generation:
+        """``attribute_by``: place each generation among the training images by its digit shape ("shape"), by
+        the bottleneck features that made it ("bottleneck"), or by its image read back through the image encoder
+        ("image"); None: the reference features' default rule (shape when they carry it)."""
         z = self.noise(n, seed) if noise is None else noise.to(self.device)
         images, _, feats = self.student.decoder.generate(z, hook)
         require_finite(images, "the student's output", "its weights are finite (checked at load), so this noise or "
                        "hook made it overflow")
         result = Generation(z, images.float().clamp(-1, 1), feats)
         if self.steering is not None:
+            result.attribute_by = self.steering.resolve_attribute_by(attribute_by)
             result.top_k_scores, result.top_k_indices, result.top_k_labels = self.steering.attribute_generation(
-                result.images, feats, top_k, attribute_by)
+                result.images, feats, top_k, result.attribute_by)
+            result.top_k_percentiles = self.steering.percentiles(result.top_k_scores, result.attribute_by)
         return result
 
     @torch.inference_mode()
-    def attribute_images(self, images: torch.Tensor, top_k: int = 5):
-        """Training images nearest to any images of yours (e.g. the teacher's), through the image encoder stored in
-        the reference features: (features, top-k scores, indices, labels)."""
+    def attribute_images(self, images: torch.Tensor, top_k: int = 5, attribute_by: Optional[str] = None):
+        """Training images nearest to any images of yours (e.g. the teacher's): (features, top-k scores, indices,
+        labels). By the reference features' default rule (shape when they carry it), or ``attribute_by="image"``:
+        through the image encoder stored in the reference features. Features: the image encoder's, None for
+        features extracted by DDIM inversion."""
         steering = self._need_reference()
-        feats = steering.encode_images(images)
+        by = steering.resolve_attribute_by(attribute_by)
+        feats = steering.encode_images(images) if steering.has_image_encoder else None
+        if by == "shape":
+            return (feats, *steering.attribute_shape(images, top_k))
+        steering.require_image_encoder()  # images have no bottleneck of their own but their encoding
         return (feats, *steering.attribute(feats, top_k))
+
+    def score_percentiles(self, scores: torch.Tensor, attribute_by: Optional[str] = None) -> torch.Tensor:
+        """Attribution scores as percentiles (0-100) among the reference set's own nearest-neighbour scores under
+        the same rule: near 100 for a near-copy of a training image, lower for a look-alike."""
+        return self._need_reference().percentiles(scores, attribute_by)
 
     def teacher_images(self, noise: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
         """The teacher's image for the same noise, by the sampler the student learned (its training pairs'

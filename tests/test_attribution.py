@@ -52,7 +52,8 @@ def attr_run(tiny_pipeline, random_ref, tmp_path_factory, script) -> dict:
     proc = script("attribution_generation.py", "--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt",
                   tiny_pipeline.student, "--ref_features_path", random_ref[0], "--output_dir", out,
                   "--n_samples", N_SAMPLES, "--top_k", TOP_K, "--include", *INCLUDE, "--exclude", *EXCLUDE,
-                  "--target_class", TARGET, "--strength", *STRENGTHS, "--n_eval", N_EVAL, "--cpu")
+                  "--target_class", TARGET, "--strength", *STRENGTHS, "--n_eval", N_EVAL, "--attribute_by",
+                  "bottleneck", "--cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "proc": proc, "results": load_pt(out / "attribution_results.pt"),
             "report": json.loads((out / "attribution_report.json").read_text())}
@@ -164,14 +165,20 @@ def test_report(attr_run):
     assert r["attribute_by"] == "bottleneck"
     for key in ("attribution_label_agreement", "attribution_label_agreement_audit"):
         agreement = r[key]
-        assert set(agreement) == {"bottleneck", "image", "pixel_nn_baseline"}
+        assert set(agreement) == {"bottleneck", "image", "shape", "pixel_nn_baseline"}
         for method in agreement.values():
             assert set(method) == {"top1", "top5_majority"}
             assert all(0 <= v <= 1 for v in method.values())
     # every reference image is a 0, so the neighbours' labels agree exactly when the classifier says 0
     agreement = r["attribution_label_agreement"]
-    for rule in ("bottleneck", "image"):
+    for rule in ("bottleneck", "image", "shape"):
         assert agreement[rule]["top1"] == pytest.approx(r["baseline_share_target_class"])
+    examples = r["attribution_examples"]  # the readable sample: the baseline's first generations, as in the results
+    base = attr_run["results"]["runs"]["baseline"]
+    assert examples["attribute_by"] == "bottleneck" and len(examples["generations"]) == N_SAMPLES
+    assert [[t["index"] for t in row] for row in examples["generations"]] == base["top_k_indices"].tolist()
+    assert [[t["percentile"] for t in row] for row in examples["generations"]] == [
+        [round(p, 1) for p in row] for row in base["top_k_percentiles"].tolist()]
     assert agreement["pixel_nn_baseline"]["top5_majority"] == pytest.approx(r["baseline_share_target_class"])
 
 

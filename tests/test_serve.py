@@ -79,12 +79,14 @@ def test_generate_is_the_pipeline_bitwise(server):
         assert [t["index"] for t in item["top_k"]] == expected.top_k_indices[i].tolist()
         assert [t["label"] for t in item["top_k"]] == expected.top_k_labels[i].tolist()
         assert [t["score"] for t in item["top_k"]] == expected.top_k_scores[i].tolist()
+        assert [t["percentile"] for t in item["top_k"]] == expected.top_k_percentiles[i].tolist()
         png = decode_png(item["png"])
         assert png.shape[:2] == (28, 28)
         pixels = ((expected.images[i, 0] + 1) / 2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
         assert np.array_equal(png if png.ndim == 2 else png[..., 0], pixels.numpy())
     assert decode_png(body["grid_png"]).shape[:2] == (2 + 2 * 30, 2 + 3 * 30)  # 2 rows of 3, 2-pixel padding
     assert body["n"] == 6 and body["seed"] == 11
+    assert body["attribute_by"] == expected.attribute_by == "shape"  # the tiny features' default rule
 
 
 def test_top_k_zero_and_training_images(server):
@@ -114,7 +116,7 @@ def test_attribute_by_image_is_the_pipelines_re_encoded_rule(server):
     pipe = DirectDecoderPipeline.load(str(tiny.teacher), str(tiny.student), str(tiny.features), device="cpu")
     body = client.post("/v1/generate", json={"n": 8, "seed": 5, "top_k": 3, "attribute_by": "image"}).json()
     expected = pipe.generate(8, seed=5, top_k=3, attribute_by="image")
-    by_bottleneck = pipe.generate(8, seed=5, top_k=3)
+    by_bottleneck = pipe.generate(8, seed=5, top_k=3, attribute_by="bottleneck")
     got = [[t["index"] for t in item["top_k"]] for item in body["images"]]
     assert got == expected.top_k_indices.tolist()
     assert got != by_bottleneck.top_k_indices.tolist()
@@ -139,7 +141,7 @@ def test_attribute_by_image_without_an_image_encoder_is_a_422(server, tmp_path):
 
 
 BAD_GENERATE = [
-    ({"attribute_by": "pixels"}, "attribute_by: Input should be 'bottleneck' or 'image'"),
+    ({"attribute_by": "pixels"}, "attribute_by: Input should be 'auto', 'shape', 'bottleneck' or 'image'"),
     ({"n": 0}, "n: Input should be greater than or equal to 1"),
     ({"n": 65}, "n: Input should be less than or equal to 64"),
     ({"n": "4"}, "n: Input should be a valid integer"),

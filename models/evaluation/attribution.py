@@ -20,8 +20,9 @@ from .plots import save_figure
 SWEEP = [round(0.1 * i, 1) for i in range(1, 11)]
 
 
-def attribution_grid(images, indices, scores, labels, dataset, path: Path) -> None:
-    """Each generation beside its top-k training images, with similarity and label."""
+def attribution_grid(images, indices, scores, labels, dataset, path: Path, percentiles=None) -> None:
+    """Each generation beside its top-k training images, with label, similarity and (given) its percentile among
+    the reference set's nearest-neighbour scores."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -33,7 +34,8 @@ def attribution_grid(images, indices, scores, labels, dataset, path: Path) -> No
         for c in range(k):
             i = int(indices[r, c])
             axes[r, c + 1].imshow(dataset.images[i, 0], cmap="gray", vmin=-1, vmax=1)
-            axes[r, c + 1].set_title(f"#{i} y={int(labels[r, c])}\ncos {float(scores[r, c]):.3f}", fontsize=6)
+            score = f"{float(scores[r, c]):.3f}" + ("" if percentiles is None else f" p{float(percentiles[r, c]):.0f}")
+            axes[r, c + 1].set_title(f"#{i} y={int(labels[r, c])}\n{score}", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -41,9 +43,10 @@ def attribution_grid(images, indices, scores, labels, dataset, path: Path) -> No
 
 
 @torch.inference_mode()
-def evaluate_steering(steer: Steering, dataset, opts, device, path: Path) -> dict:
+def evaluate_steering(steer: Steering, dataset, opts, device, path: Path, examples: dict | None = None) -> dict:
     """Class-hook success, include/exclude effect in an independent (classifier) feature space, and attribution
-    label agreement, against a pixel-space nearest-neighbour baseline. ``opts``: the stage's AttributionOptions."""
+    label agreement, against a pixel-space nearest-neighbour baseline. ``opts``: the stage's AttributionOptions;
+    ``examples``: readable top-k (scores, percentiles) of some generations, kept in the report."""
     classifier = load_classifier(opts.classifier, device)
     audit = load_classifier(opts.audit_classifier, device)
     z = per_sample_noise(opts.seed + 1, range(opts.n_eval), device=device)
@@ -72,8 +75,9 @@ def evaluate_steering(steer: Steering, dataset, opts, device, path: Path) -> dic
         report["include_similarity"].append(sim_to(cls_features(imgs), inc_t))
         imgs, _ = steer.generate(z, steer.exclude(opts.exclude, s))
         report["exclude_similarity"].append(sim_to(cls_features(imgs), exc_t))
+    available = {"bottleneck": True, "image": steer.has_image_encoder, "shape": steer.default_attribute_by == "shape"}
     neighbour_labels = {by: steer.attribute_generation(base_images, base_feats, 5, by)[2] for by in ATTRIBUTE_BY
-                        if by == "bottleneck" or steer.has_image_encoder}
+                        if available[by]}
     neighbour_labels["pixel_nn_baseline"] = steer.labels[top_k_similar(base_images.cpu(), ref_images, 5)[1]]
 
     def agreement(lbls, generation_label):
@@ -82,15 +86,18 @@ def evaluate_steering(steer: Steering, dataset, opts, device, path: Path) -> dic
         return {"top1": top1, "top5_majority": (vote == generation_label).float().mean().item()}
 
     audit_pred = audit(base_images).argmax(1).cpu()
-    report["attribute_by"] = opts.attribute_by
+    report["attribute_by"] = steer.resolve_attribute_by(opts.attribute_by)
+    if examples is not None:
+        report["attribution_examples"] = examples
     report["attribution_label_agreement"] = {k: agreement(v, base_pred) for k, v in neighbour_labels.items()}
     report["attribution_label_agreement_audit"] = {k: agreement(v, audit_pred) for k, v in neighbour_labels.items()}
     report["note"] = ("similarities are cosine similarities in the project classifier's feature space (independent "
-                      "of the bottleneck the hooks act on); attribution is nearest-neighbour similarity in the "
-                      "bottleneck, not causal influence; label agreement is a generation's label (by the project "
+                      "of the bottleneck the hooks act on); attribution is nearest-neighbour similarity, "
+                      "not causal influence; label agreement is a generation's label (by the project "
                       "classifier, and by the audit classifier, which no loss has seen) against its nearest "
-                      "training images' labels, with the generation placed by its bottleneck features "
-                      "('bottleneck') or by its image re-encoded ('image')")
+                      "training images' labels, with the generation placed by its digit shape ('shape'), its "
+                      "bottleneck features ('bottleneck') or its image re-encoded ('image'); a score's percentile "
+                      "is its place among the reference images' scores to their nearest other reference image")
     report["versions"] = software_versions()
     atomic_write_json(report, path)
     _print_report(report)

@@ -62,9 +62,10 @@ class GenerateRequest(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="noise of image i depends only on (seed, i)")
     hooks: list[HookSpec] = Field(default_factory=list, max_length=MAX_HOOKS, description="applied in order")
     top_k: int = Field(5, ge=0, le=MAX_TOP_K, description="training images reported per generation (0: none)")
-    attribute_by: Literal["bottleneck", "image"] = Field(
-        "bottleneck", description="place each generation among the training images by its bottleneck features, or "
-                                  "by its image read back through the reference features' image encoder")
+    attribute_by: Literal["auto", "shape", "bottleneck", "image"] = Field(
+        "auto", description="place each generation among the training images by its digit shape, by its bottleneck "
+                            "features, or by its image read back through the reference features' image encoder; "
+                            "auto: the reference features' default rule (shape when they carry it)")
     raw: bool = Field(False, description="also return the images as float32 (base64, little-endian, [n,1,28,28])")
 
 
@@ -106,23 +107,24 @@ class GenerationService:
 
     def generate(self, request: GenerateRequest) -> dict:
         hook = self.build_hook(request.hooks)
-        if request.attribute_by == "image":
-            try:
-                self.pipe.steering.require_image_encoder()
-            except PipelineError as err:
-                raise HookRequestError(f"attribute_by image: {str(err).replace('--', '')}") from err
+        try:
+            attribute_by = self.pipe.steering.resolve_attribute_by(request.attribute_by)
+        except PipelineError as err:
+            raise HookRequestError(f"attribute_by {request.attribute_by}: {str(err).replace('--', '')}") from err
         start = time.perf_counter()
         with self._lock:
             out = self.pipe.generate(request.n, request.seed, hook, top_k=request.top_k,
-                                     attribute_by=request.attribute_by)
+                                     attribute_by=attribute_by)
         images = out.images.cpu()
         items = []
         for i in range(request.n):
             top = [] if request.top_k == 0 else [
-                {"index": int(idx), "label": int(lab), "score": float(score)}
-                for idx, lab, score in zip(out.top_k_indices[i], out.top_k_labels[i], out.top_k_scores[i])]
+                {"index": int(idx), "label": int(lab), "score": float(score), "percentile": float(pct)}
+                for idx, lab, score, pct in zip(out.top_k_indices[i], out.top_k_labels[i], out.top_k_scores[i],
+                                                out.top_k_percentiles[i])]
             items.append({"index": i, "png": _b64(image_grid_png(images[i:i + 1], nrow=1, padding=0)), "top_k": top})
-        answer = {"n": request.n, "seed": request.seed, "grid_png": _b64(image_grid_png(images)), "images": items}
+        answer = {"n": request.n, "seed": request.seed, "attribute_by": attribute_by,
+                  "grid_png": _b64(image_grid_png(images)), "images": items}
         if request.raw:
             answer["raw_f32"] = _b64(images.float().contiguous().numpy().astype("<f4").tobytes())
         answer["elapsed_s"] = round(time.perf_counter() - start, 4)

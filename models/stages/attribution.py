@@ -1,8 +1,10 @@
 """The attribution stage (attribution_generation.py): hook-steered generations, their top-k training images,
 the attribution grid and, with --evaluate, the steering report.
 
-Attribution here is *similarity* in the student's bottleneck space: which training images sit closest to the
-features that produced a generation. It is not causal influence (what would change had an image been left out).
+Attribution here is *similarity*: which training images look most like a generation (by digit shape, the default
+where the reference features carry it; or in the student's bottleneck space). It is not causal influence (what
+would change had an image been left out). Each score comes with its percentile among the reference set's own
+nearest-neighbour scores.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class AttributionOptions:
     n_eval: int = 256
     classifier: str = DEFAULT_CLASSIFIER
     audit_classifier: str = AUDIT_CLASSIFIER  # the class-hook success once more, by a network no loss has seen
-    attribute_by: str = "bottleneck"  # or "image": the generation re-encoded by the features' image encoder
+    attribute_by: str = "auto"  # shape where the features carry it, else bottleneck; or image: re-encoded
     cpu: bool = False
 
 
@@ -52,8 +54,8 @@ def _validate(opts: AttributionOptions) -> None:
         raise PipelineError(f"--n_samples must be positive, got {opts.n_samples}")
     if opts.top_k <= 0:
         raise PipelineError(f"--top_k must be positive, got {opts.top_k}")
-    if opts.attribute_by not in ATTRIBUTE_BY:
-        raise PipelineError(f"--attribute_by must be one of {', '.join(ATTRIBUTE_BY)}, got {opts.attribute_by!r}")
+    if opts.attribute_by not in ("auto", *ATTRIBUTE_BY):
+        raise PipelineError(f"--attribute_by must be one of auto, {', '.join(ATTRIBUTE_BY)}, got {opts.attribute_by!r}")
     for s in opts.strength:
         if not math.isfinite(s) or not 0 <= s <= 1:
             raise PipelineError(f"--strength values must be finite numbers in [0, 1], got {s}")
@@ -67,8 +69,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
     ref = load_reference_features(opts.ref_features_path, device)
     check_feature_pairing(ref, teacher.sha256, student.sha256, opts.ref_features_path)
     steer = Steering(student.decoder, ref, device)
-    if opts.attribute_by == "image":
-        steer.require_image_encoder()
+    attribute_by = steer.resolve_attribute_by(opts.attribute_by)
     s0 = opts.strength[0]
     hooks = {"baseline": None, "include": steer.include(opts.include, s0), "exclude": steer.exclude(opts.exclude, s0),
              f"class_{opts.target_class}": steer.toward_class(opts.target_class, s0)}
@@ -76,7 +77,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
               "exclude": {"indices": opts.exclude, "labels": ref["labels"][opts.exclude].tolist()}}
     if dry_run:
         print({"options": opts.__dict__, "device": str(device), "reference": ref["metadata"]["dataset"],
-               "n_reference": len(ref["labels"]), "chosen": chosen})
+               "n_reference": len(ref["labels"]), "chosen": chosen, "attribute_by": attribute_by})
         return {}
     out = prepare_output_dir(opts.output_dir)
     print(f"loaded teacher, student and {len(ref['labels'])} reference features to {device} in "
@@ -85,6 +86,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
         print(f"  {kind} indices {chosen[kind]['indices']} have labels {chosen[kind]['labels']}")
     z = per_sample_noise(opts.seed, range(opts.n_samples), device=device)
     results = {"noise": z.cpu(), "options": dict(opts.__dict__), "chosen": chosen, "runs": {},
+               "attribute_by": attribute_by,
                "reference": {"path": opts.ref_features_path, "dataset": ref["metadata"]["dataset"]}}
     grids = {}
     for s in opts.strength:
@@ -95,10 +97,11 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
             if name == "baseline" and s != s0:
                 continue
             images, feats = steer.generate(z, hook)
-            scores, idx, labels = steer.attribute_generation(images, feats, opts.top_k, opts.attribute_by)
+            scores, idx, labels = steer.attribute_generation(images, feats, opts.top_k, attribute_by)
             key = name if name == "baseline" else f"{name}@{s}"
             results["runs"][key] = {"images": images.cpu(), "features": feats.cpu(), "top_k_scores": scores,
                                     "top_k_indices": idx, "top_k_labels": labels,
+                                    "top_k_percentiles": steer.percentiles(scores, attribute_by),
                                     "similarity_to_include_set": _mean_sim(feats, steer.features[opts.include]),
                                     "similarity_to_exclude_set": _mean_sim(feats, steer.features[opts.exclude])}
             grids[key] = images
@@ -108,13 +111,23 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
     dataset = load_dataset(ref["metadata"]["dataset"], ref["metadata"]["split"])
     base = results["runs"]["baseline"]
     attribution_grid(base["images"][:8], base["top_k_indices"][:8], base["top_k_scores"][:8],
-                     base["top_k_labels"][:8], dataset, out / "attribution_grid.png")
+                     base["top_k_labels"][:8], dataset, out / "attribution_grid.png", base["top_k_percentiles"][:8])
     summary = {"output_dir": str(out), "files": sorted(p.name for p in out.iterdir())}
     if opts.evaluate:
-        summary["report"] = evaluate_steering(steer, dataset, opts, device, out / "attribution_report.json")
+        summary["report"] = evaluate_steering(steer, dataset, opts, device, out / "attribution_report.json",
+                                              examples=attribution_examples(base, attribute_by))
     print(f"attribution_generation: {len(results['runs'])} runs of {opts.n_samples} samples -> {out} "
           f"({time.perf_counter() - t0:.1f}s)")
     return summary
+
+
+def attribution_examples(run: dict, attribute_by: str, n: int = 8) -> dict:
+    """The first generations' top-k training images, scores and percentiles, as the report's readable sample."""
+    return {"attribute_by": attribute_by, "generations": [
+        [{"index": int(i), "label": int(lab), "score": round(float(s), 4), "percentile": round(float(p), 1)}
+         for i, lab, s, p in zip(*(run[key][row] for key in ("top_k_indices", "top_k_labels", "top_k_scores",
+                                                              "top_k_percentiles")))]
+        for row in range(min(n, len(run["top_k_indices"])))]}
 
 
 def _mean_sim(features: torch.Tensor, targets: torch.Tensor) -> float:

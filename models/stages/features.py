@@ -38,10 +38,12 @@ from ..io.progress import progress_bar
 from ..io.records import software_versions
 from ..io.shards import ShardedJob
 from ..nets.student import load_teacher_and_student
+from ..steering.shape_match import SHAPE, cosine_calibration, shape_record
 from ..training.image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
 
 DEFAULT_INVERSION_STEPS = 10
 METHODS = ("auto", "image_encoder", "ddim_inversion")
+ATTRIBUTION_RULES = (SHAPE, "bottleneck")  # the default rule the features file is extracted for
 FEATURES_FIX = "create them with `python extract_reference_features.py --ddpm_ckpt T --decoder_ckpt S`"
 # The student's weights passed the finite check at load, so non-finite features come from these images' pass.
 NONFINITE_FEATURES_CAUSE = ("the student's weights are finite, so the extraction overflowed on these images (likely: "
@@ -69,6 +71,7 @@ class FeatureOptions:
     seed: int = 0
     fp16: bool = False
     store_latents: bool = True
+    attribution_rule: str = SHAPE   # shape: also store the shape rule (the reference images, its calibration)
     consistency_samples: int = 256
     shard_size: int = 0             # 0: 10 batches
     download: bool = False
@@ -95,6 +98,8 @@ def _validate(opts: FeatureOptions) -> None:
         raise PipelineError("--limit and --consistency_samples must be >= 0")
     if opts.method not in METHODS:
         raise PipelineError(f"--method must be one of {METHODS}, got {opts.method!r}")
+    if opts.attribution_rule not in ATTRIBUTION_RULES:
+        raise PipelineError(f"--attribution_rule must be one of {ATTRIBUTION_RULES}, got {opts.attribution_rule!r}")
     EncoderTrainOptions(opts.encoder_steps, opts.encoder_batch_size, opts.encoder_lr,
                         teacher_pairs_fraction=opts.encoder_teacher_pairs_fraction,
                         pool_size=opts.encoder_pool_size, frozen_blocks=opts.encoder_frozen_blocks).validate()
@@ -224,6 +229,9 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False, *, l
     assembled = job.assemble(keys)
     consistency = measure_consistency(decoder, extractor, opts.consistency_samples, opts.batch_size, device)
     recon_psnr = assembled.pop("psnr")
+    attribution_start = time.perf_counter()
+    attribution = attribution_record(opts.attribution_rule, data.images[:n], assembled["features"])
+    attribution_s = time.perf_counter() - attribution_start
     metadata = {"dataset": source, "split": opts.split, "n": n, "method": method,
                 "method_description": extractor.describe(), **method_identity,
                 "latent_timestep": grid[-1], "teacher_path": teacher.path, "teacher_sha256": teacher.sha256,
@@ -231,11 +239,13 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False, *, l
                 "bottleneck_shape": list(decoder.bottleneck_shape), "dtype": "float16" if opts.fp16 else "float32",
                 "consistency": consistency | {"reconstruction_psnr_db_mean": recon_psnr.mean().item(),
                                               "reconstruction_psnr_db_median": recon_psnr.median().item()},
+                "attribution_rule": attribution["rule"], "attribution_rule_wall_s": round(attribution_s, 2),
                 "encoder_training_wall_s": round(encoder_s, 2),
                 "encoder_training_loss_first_last": encoder_losses[:1] + encoder_losses[-1:], "extraction_wall_s": round(work_s, 2),
                 "identity": identity, "versions": software_versions()}
     result = {"kind": "reference_features", "features": assembled["features"], "labels": data.labels[:n].clone(),
-              "indices": data.indices[:n].clone(), "reconstruction_psnr_db": recon_psnr, "metadata": metadata}
+              "indices": data.indices[:n].clone(), "reconstruction_psnr_db": recon_psnr, "metadata": metadata,
+              "attribution": attribution}
     if "latents" in assembled:
         result["latents"] = assembled["latents"]
     if method == "image_encoder":
@@ -249,6 +259,16 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False, *, l
           f"{f', encoder training {encoder_s:.0f}s' if encoder_s else ''}); consistency cosine "
           f"{consistency['generated_bottleneck_cosine_mean']:.3f}, reconstruction PSNR {recon_psnr.mean().item():.1f} dB")
     return {"path": str(out_path), "n": n, "wall_s": wall, "extraction_s": work_s, "metadata": metadata}
+
+
+def attribution_record(rule: str, images: torch.Tensor, features: torch.Tensor) -> dict:
+    """The default attribution rule stored with the features, and the calibration of its scores' percentiles.
+    Images and features only: no label reaches a rule (tests/test_attribution_rule.py)."""
+    calibration = {"bottleneck": cosine_calibration(features)}
+    if rule == SHAPE:
+        record = shape_record(images)
+        return record | {"calibration": calibration | {SHAPE: record.pop("calibration")}}
+    return {"rule": "bottleneck", "calibration": calibration}
 
 
 def student_training_pairs(student_checkpoint: dict) -> dict | None:

@@ -25,7 +25,8 @@ from .features import FeatureOptions, extract_reference_features
 from .generate import GenerateOptions, generate_training_data
 
 STAGES = ("generate", "train", "extract", "attribute")
-RULE_NAMES = {"bottleneck": "bottleneck features", "image": "image re-encoded", "pixel_nn_baseline": "pixel baseline"}
+RULE_NAMES = {"shape": "digit shape", "bottleneck": "bottleneck features", "image": "image re-encoded",
+              "pixel_nn_baseline": "pixel baseline"}
 PRESETS = {
     # The first command: minutes on a 2-core CPU even on a slow day (measured in README). It continues the shipped
     # student on pairs of a seed it never saw (8: it trained on seeds 0-2 and 11-14), with its last leg's losses
@@ -206,7 +207,9 @@ def write_report(out: Path, preset: str, settings: dict, teacher: str, state: di
         rules = "; ".join(f"{RULE_NAMES[k]} top-1 {v['top1']:.1%}" for k, v in a.items())
         lines += ["", f"Attribution label agreement (the audit classifier's label of a generation vs its nearest "
                       f"training image's label): {rules}.", ""]
-    lines += ["## Attribution", "", "Each generation beside its most similar training images (cosine similarity "
-              "in the bottleneck, label y). Similarity is not causal influence.", "",
+    rule = RULE_NAMES.get((attr or {}).get("attribute_by"), "the features' default rule")
+    lines += ["## Attribution", "", f"Each generation beside its most similar training images by {rule} (label y, "
+              "similarity, and pN: its percentile among the training images' similarity to their own nearest "
+              "neighbour; near 100 is a near-copy). Similarity is not causal influence.", "",
               "![attribution grid](attribution/attribution_grid.png)", ""]
     atomic_write_text("\n".join(lines), out / "report.md")

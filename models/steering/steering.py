@@ -4,10 +4,13 @@ attribution of what was generated to its nearest training images.
 Attribution here is *similarity* in the student's bottleneck space: which training images sit closest to the
 features that produced a generation. It is not causal influence (what would change had an image been left out).
 
-A generation can be placed in that space two ways: by the features that produced it ("bottleneck"), or by reading
-its image back through the image encoder that placed the training images there ("image"). The second puts both
-sides on the same path, which finds a training image of the generation's digit more often (BENCHMARKS.md,
-Attribution).
+A generation can be placed among the training images three ways: by the features that produced it ("bottleneck"),
+by reading its image back through the image encoder that placed the training images there ("image"), or by digit
+shape, pixels compared with tolerance for small shifts, rotations and stroke width ("shape", models/steering/
+shape_match.py). Shape finds a training image of the generation's digit most often (BENCHMARKS.md, Attribution),
+so it is the default wherever the reference features carry it (extract_reference_features.py stores it by
+default); older feature files keep the bottleneck rule. Every score comes with its percentile among the reference
+set's own nearest-neighbour scores under the same rule.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from ..io.errors import PipelineError
 from ..nets.image_encoder import load_image_encoder
 from .hooks import class_hook, exclude_hook, include_hook, interpolate_hook
 from .search import top_k_similar
+from .shape_match import SHAPE, ShapeMatch, cosine_calibration, percentile, reference_views, shape_top_k
 
-ATTRIBUTE_BY = ("bottleneck", "image")
+ATTRIBUTE_BY = ("bottleneck", "image", SHAPE)
 
 
 def _check_indices(name: str, indices: list[int], n: int) -> torch.Tensor:
@@ -40,6 +44,26 @@ class Steering:
         self.labels = ref["labels"]
         self.device = device
         self._encoder = None
+        self.attribution = ref.get("attribution") or {}
+        self._shape_views = None
+        self._calibration = dict(self.attribution.get("calibration") or {})
+
+    @property
+    def default_attribute_by(self) -> str:
+        """The rule the reference features were extracted for: shape when they carry it, else the bottleneck."""
+        return SHAPE if self.attribution.get("rule") == SHAPE else "bottleneck"
+
+    def resolve_attribute_by(self, by) -> str:
+        if by is None or by == "auto":
+            return self.default_attribute_by
+        if by not in ATTRIBUTE_BY:
+            raise PipelineError(f"attribute_by must be one of auto, {', '.join(ATTRIBUTE_BY)}, got {by!r}")
+        if by == "image":
+            self.require_image_encoder()
+        if by == SHAPE and self.attribution.get("rule") != SHAPE:
+            raise PipelineError("these reference features carry no shape rule (extracted before it existed, or with "
+                                "--attribution_rule bottleneck); re-extract them, or attribute by the bottleneck")
+        return by
 
     def include(self, indices, strength):
         return include_hook(self.features[_check_indices("include", list(indices), len(self.labels))], strength)
@@ -85,8 +109,30 @@ class Steering:
             self._encoder = load_image_encoder(self.ref["image_encoder"], self.device)
         return self._encoder(images.to(self.device).float())
 
-    def attribute_generation(self, images: torch.Tensor, features: torch.Tensor, k: int, by: str = "bottleneck"):
-        """Top-k training images of generations placed by their ``features`` or by their ``images`` re-encoded."""
-        if by not in ATTRIBUTE_BY:
-            raise PipelineError(f"attribute_by must be one of {', '.join(ATTRIBUTE_BY)}, got {by!r}")
+    def attribute_generation(self, images: torch.Tensor, features, k: int, by=None):
+        """Top-k training images (scores, indices, labels) of generations placed by their ``features``
+        ("bottleneck"), their ``images`` re-encoded ("image") or their ``images``' digit shape ("shape"); ``by``
+        None or "auto": the reference features' default rule."""
+        by = self.resolve_attribute_by(by)
+        if by == SHAPE:
+            return self.attribute_shape(images, k)
         return self.attribute(features if by == "bottleneck" else self.encode_images(images), k)
+
+    @torch.inference_mode()
+    def attribute_shape(self, images: torch.Tensor, k: int):
+        """Top-k training images (scores, indices, labels) of any images by digit shape (models/steering/
+        shape_match.py); the reference views are built at first use."""
+        self.resolve_attribute_by(SHAPE)  # features without the rule: one line saying so
+        settings = ShapeMatch.from_dict(self.attribution["settings"])
+        if self._shape_views is None:
+            self._shape_views = reference_views(self.attribution["images"].float().to(self.device), settings)
+        scores, idx = shape_top_k(images.to(self.device).float(), self._shape_views, settings, k)
+        return scores.cpu(), idx.cpu(), self.labels[idx.cpu()]
+
+    def percentiles(self, scores: torch.Tensor, by=None) -> torch.Tensor:
+        """Each score's percentile (0-100) among the reference images' scores to their nearest other reference
+        image under the same rule: near 100 for a near-copy, lower for a mere look-alike."""
+        space = SHAPE if self.resolve_attribute_by(by) == SHAPE else "bottleneck"  # image: the bottleneck's space
+        if space not in self._calibration:  # feature files from before calibration was stored
+            self._calibration[space] = cosine_calibration(self.features)
+        return percentile(scores.cpu(), self._calibration[space])

@@ -68,7 +68,9 @@ function renderAttribution() {
     img.classList.toggle("selected", Number(img.dataset.index) === state.selected));
   const panel = $("attribution");
   const title = document.createElement("p");
-  title.textContent = `generation ${item.index}: nearest training images in the bottleneck (cosine similarity)`;
+  const rule = state.last.attribute_by === "shape" ? "by digit shape" : `by ${state.last.attribute_by}`;
+  title.textContent = `generation ${item.index}: nearest training images ${rule} (similarity, and its percentile ` +
+    "among training images' similarity to their own nearest neighbour: near 100 is a near-copy)";
   const row = document.createElement("div");
   row.className = "attr";
   row.append(...item.top_k.map((t) => {
@@ -78,7 +80,7 @@ function renderAttribution() {
     img.src = `/v1/train_images/${t.index}`;
     img.alt = `training image ${t.index}`;
     const caption = document.createElement("figcaption");
-    caption.textContent = `#${t.index} y=${t.label} cos ${t.score.toFixed(3)}`;
+    caption.textContent = `#${t.index} y=${t.label} ${t.score.toFixed(3)} p${Math.round(t.percentile)}`;
     figure.append(img, caption);
     return figure;
   }));
