@@ -30,8 +30,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--encoder_lr", type=float, default=d.encoder_lr, help="image-encoder peak learning rate")
     p.add_argument("--encoder_pool_size", type=int, default=d.encoder_pool_size,
                    help="student generations made once, in large batches, and reused in shuffled passes by the "
-                        "image encoder's training (generating costs more than a training step on the result); 0: "
-                        "fresh generations every step")
+                        "image encoder's training (generating costs more than a training step on the result; capped "
+                        "at the generations the training draws); 0: fresh generations every step")
     p.add_argument("--encoder_frozen_blocks", type=int, default=d.encoder_frozen_blocks,
                    help="leading encoder blocks (with the input conv) kept at the teacher's weights while the image "
                         "encoder trains: the full-resolution layers, most of a training step's cost")

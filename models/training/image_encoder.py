@@ -49,7 +49,7 @@ class EncoderTrainOptions:
     save_every: int = 100
     bn_samples: int = 1024
     teacher_pairs_fraction: float = 0.5  # share of each batch from the training pairs' teacher images (0: none)
-    pool_size: int = 0                   # student generations made once and reused (0: fresh latents every step)
+    pool_size: int = 8192                # student generations made once and reused (0: fresh latents every step)
     frozen_blocks: int = 0               # leading encoder blocks (with the input conv) kept at the teacher's weights
 
     def validate(self) -> None:
@@ -68,6 +68,10 @@ class EncoderTrainOptions:
 
     def pair_count(self, batch_size: int) -> int:
         return int(round(batch_size * self.teacher_pairs_fraction))
+
+    def effective_pool_size(self) -> int:
+        """The pool, at most as large as the student generations the training draws (a short run makes each once)."""
+        return min(self.pool_size, self.steps * (self.batch_size - self.pair_count(self.batch_size)))
 
 
 def _student_batch(decoder, seed: int, indices, device):
@@ -181,7 +185,8 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
     stem = partial(encoder.stem, n_blocks=n_frozen) if n_frozen else None
     predict = partial(encoder.head, n_blocks=n_frozen) if n_frozen else encoder
     encoder.train()
-    pool = StudentPool(decoder, opts.seed, opts.pool_size, device, stem) if opts.pool_size else None
+    pool_size = opts.effective_pool_size()
+    pool = StudentPool(decoder, opts.seed, pool_size, device, stem) if pool_size else None
     bar = progress_bar(total=opts.steps, initial=step, desc="image encoder", unit="step", dynamic_ncols=True)
     while step < opts.steps:
         inputs, h = _training_batch(decoder, pairs, opts, step, device, pool, stem)
@@ -202,7 +207,7 @@ def train_image_encoder(decoder, teacher_unet: Unet, config: TeacherConfig, opts
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state_path)
     bar.close()
     # BatchNorm statistics of the final weights, over the training mixture (student images the training never drew)
-    offset = opts.pool_size or opts.steps * opts.batch_size
+    offset = pool_size or opts.steps * opts.batch_size
     calibration, _ = _mixed_batch(decoder, pairs, opts, offset, opts.bn_samples, opts.steps, device, stem=stem)
     if n_frozen:  # the stem keeps the teacher's statistics
         recalibrate_batchnorm(encoder.head_modules(n_frozen), calibration, opts.batch_size, forward=predict)
