@@ -5,12 +5,12 @@ configuration relative to fresh generations every step (the earlier default), as
 
     python bench/bench_encoder_cost.py --ddpm_ckpt T --decoder_ckpt S --steps 1500 --pool_size 8192
 """
-import time
 
 import torch
 import torch.nn.functional as F
 
 from models.diffusion.noise import per_sample_noise
+from models.evaluation.bench_common import cpu_seconds
 from models.io.cli import ArgumentParser
 from models.io.errors import run_cli
 from models.io.paths import DEFAULT_STUDENT, DEFAULT_TEACHER
@@ -18,16 +18,6 @@ from models.io.records import append_run_record
 from models.nets.image_encoder import ImageEncoder
 from models.nets.student import load_teacher_and_student
 from models.training.image_encoder import POOL_BATCH
-
-
-def cpu_seconds(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` runs of ``fn``, in process CPU seconds."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
 
 
 def main():

@@ -10,20 +10,10 @@ import time
 import torch
 
 from models.data.datasets import load_dataset
-from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.evaluation.bench_common import cpu_seconds, load_pipeline, pipeline_parser
 from models.io.errors import run_cli
 from models.io.records import append_run_record
 from models.stages.features import attribution_record
-
-
-def cpu_seconds(fn, repeats: int = 1) -> float:
-    """Best CPU time of ``repeats`` calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
 
 
 def main():

@@ -1,5 +1,7 @@
 """What the benches that measure a trained pipeline (teacher, student, reference features) share: their options and
-loading. Their records go through models.io.records.append_run_record."""
+loading, and how they time CPU work. Their records go through models.io.records.append_run_record."""
+import time
+
 from ..api import DirectDecoderPipeline
 from ..io.cli import ArgumentParser, add_cpu_flag
 from ..io.device import pick_device
@@ -26,3 +28,14 @@ def load_pipeline(args):
     device = pick_device(args.cpu)
     pipe = DirectDecoderPipeline.load(args.ddpm_ckpt, args.decoder_ckpt, args.ref_features_path, device=device)
     return pipe, load_classifier(args.classifier, device)
+
+
+def cpu_seconds(fn, repeats: int = 1) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, in process CPU seconds (another job on the machine barely moves
+    it, unlike wall time)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
