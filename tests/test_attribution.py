@@ -52,7 +52,8 @@ def attr_run(tiny_pipeline, random_ref, tmp_path_factory, script) -> dict:
     proc = script("attribution_generation.py", "--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt",
                   tiny_pipeline.student, "--ref_features_path", random_ref[0], "--output_dir", out,
                   "--n_samples", N_SAMPLES, "--top_k", TOP_K, "--include", *INCLUDE, "--exclude", *EXCLUDE,
-                  "--target_class", TARGET, "--strength", *STRENGTHS, "--n_eval", N_EVAL, "--cpu")
+                  "--target_class", TARGET, "--strength", *STRENGTHS, "--n_eval", N_EVAL, "--hook_style", "mean",
+                  "--cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "proc": proc, "results": load_pt(out / "attribution_results.pt"),
             "report": json.loads((out / "attribution_report.json").read_text())}
