@@ -48,6 +48,24 @@ def ot_hook(members: torch.Tensor, strength: float):
     return hook
 
 
+def guidance_hook(decoder, classifier, digit: int, strength: float, steps: int = 8, step: float = 0.05):
+    """Classifier guidance in the bottleneck: ``steps`` normalised gradient steps on log p(digit | decoded image)
+    by the PROJECT classifier, each ``strength * step`` of the features' own norm. Costs a decoder and classifier
+    backward pass per step: measured here, not offered as a style."""
+    def hook(h: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = h.detach().clone().float()
+            size = x.flatten(1).norm(dim=1)[:, None, None, None]
+            for _ in range(steps):
+                x.requires_grad_(True)
+                logp = classifier(decoder.decode(x).clamp(-1, 1)).log_softmax(1)[:, digit].sum()
+                grad, = torch.autograd.grad(logp, x)
+                unit = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+                x = (x + strength * step * size * unit).detach()
+        return x.to(h.dtype)
+    return hook
+
+
 def spread(feats: torch.Tensor) -> float:
     return torch.cov(feats.double().T).trace().sqrt().item()
 
@@ -61,8 +79,9 @@ def main():
     p = pipeline_parser(__doc__, "bench/results/hook_variety.jsonl", n=500)
     p.add_argument("--seed", type=int, default=2, help="noise seed (held out: figures use 0, the stage's evaluation 1)")
     p.add_argument("--audit_classifier", default=AUDIT_CLASSIFIER, help="the judge (no hook or loss uses it)")
-    p.add_argument("--styles", nargs="+", default=list(HOOK_STYLES) + ["ot"], help="hook styles; 'ot': per-batch "
-                   "optimal transport (class and include only)")
+    p.add_argument("--styles", nargs="+", default=list(HOOK_STYLES) + ["ot", "guidance"],
+                   help="hook styles; also 'ot': per-batch optimal transport (class and include only), 'guidance': "
+                        "the project classifier's gradient in the bottleneck (class only)")
     p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="class-hook targets")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.7, 0.9, 1.0], help="class-hook strengths")
     p.add_argument("--shift_strengths", type=float, nargs="+", default=[0.5, 1.0], help="class-hook strengths of "
@@ -73,7 +92,7 @@ def main():
                    help="include / exclude strengths")
     a = p.parse_args()
     start = time.perf_counter()
-    pipe, _ = load_pipeline(a)
+    pipe, project = load_pipeline(a)
     audit = load_classifier(a.audit_classifier, pipe.device)
     steer = pipe.steering
     meta = pipe.reference["metadata"]
@@ -89,6 +108,8 @@ def main():
     def class_hook(style, digit, s):
         if style == "ot":
             return ot_hook(steer.features[(steer.labels == digit).to(steer.features.device)], s)
+        if style == "guidance":
+            return guidance_hook(pipe.student.decoder, project, digit, s)
         return steer.toward_class(digit, s, style)
 
     base_noise = pipe.noise(a.n * BASELINE_DRAW, a.seed)
@@ -124,7 +145,7 @@ def main():
                  "unhooked": {"similarity": mean_similarity(base, targets), "spread": spread(base),
                               "precision_all_digits": knn_precision_recall(real_feats, base)[0],
                               "majority_digit_share": (base_pred[:a.n] == majority).float().mean().item()}}
-        styles = [st for st in a.styles if kind == "include" or st != "ot"]
+        styles = [st for st in a.styles if st != "guidance" and (kind == "include" or st != "ot")]
         for style in styles:
             for s in a.set_strengths:
                 if style == "ot":

@@ -6,6 +6,7 @@ The tiny reference set is the first 120 mnist5k images, all zeros, so class hook
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -170,3 +171,28 @@ def test_server_refuses_a_bad_style_with_a_422(client, style):
     r = client[0].post("/v1/generate", json={"n": 2, "hooks": [{"type": "class", "label": 0, "style": style}]})
     assert r.status_code == 422, r.text
     assert "hooks.0.class.style: Input should be 'mean', 'nearest' or 'shift'" in r.json()["detail"]
+
+
+def test_make_figures_strip_rises_from_the_unhooked_images(tiny_pipeline, tmp_path, monkeypatch, capsys, repo_root):
+    """bench/make_figures.py's strength strip: one row per noise, one column per strength, the first column (strength
+    0) the unhooked generations, later columns the class hook in the chosen style."""
+    from PIL import Image
+    out = tmp_path / "figures"
+    code, _, err = run_main_in_process(
+        repo_root / "bench" / "make_figures.py",
+        ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student, "--ref_features_path",
+         tiny_pipeline.features, "--n", 4, "--pairs", 2, "--label", 0, "--include", 0, 1, "--exclude", 2,
+         "--strip", 0, 0.5, 1, "--strip_rows", 2, "--hook_style", "shift", "--output_dir", out, "--cpu"],
+        monkeypatch, capsys)
+    assert code == 0, err
+    strip = torch.tensor(np.asarray(Image.open(out / "hooks_class_strip.png").convert("L")), dtype=torch.float)
+    assert strip.shape == (2 * 30 + 2, 3 * 30 + 2)
+    pipe = DirectDecoderPipeline.load(tiny_pipeline.teacher, tiny_pipeline.student, tiny_pipeline.features, "cpu")
+    base = pipe.generate(2, seed=0, top_k=0).images
+    hooked = pipe.generate(2, seed=0, hook=pipe.toward_class(0, 1.0, "shift"), top_k=0).images
+    for row in range(2):
+        cell = lambda col: strip[2 + 30 * row:30 + 30 * row, 2 + 30 * col:30 + 30 * col] / 255 * 2 - 1  # noqa: E731
+        assert (cell(0) - base[row, 0]).abs().max() < 2 / 255 + 1e-6
+        assert (cell(2) - hooked[row, 0]).abs().max() < 2 / 255 + 1e-6
+    record = json.loads((out / "figures.json").read_text())
+    assert record["hook_style"] == "shift" and record["strip_strengths"] == [0.0, 0.5, 1.0]
