@@ -196,3 +196,26 @@ def test_make_figures_strip_rises_from_the_unhooked_images(tiny_pipeline, tmp_pa
         assert (cell(2) - hooked[row, 0]).abs().max() < 2 / 255 + 1e-6
     record = json.loads((out / "figures.json").read_text())
     assert record["hook_style"] == "shift" and record["strip_strengths"] == [0.0, 0.5, 1.0]
+
+
+def test_gallery_class_hook_takes_the_style(tiny_pipeline, tmp_path, monkeypatch, capsys, repo_root):
+    """test_direct_decoder.py --hook_style: the gallery's class panel (probes stand in for reference features) differs
+    by style, strength 0.5 of the mean style is the classifier-weighted mean hook, and a bad style is one line."""
+    from PIL import Image
+    common = ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student, "--n_samples", 3,
+              "--target_class", 0, "--cpu"]
+    panels = {}
+    for style in HOOK_STYLES:
+        code, _, err = run_main_in_process(repo_root / "test_direct_decoder.py",
+                                           [*common, "--hook_style", style, "--output_dir", tmp_path / style],
+                                           monkeypatch, capsys)
+        assert code == 0, err
+        assert json.loads((tmp_path / style / "hook_effects.json").read_text())["hook_style"] == style
+        panels[style] = np.asarray(Image.open(tmp_path / style / "class_0.png").convert("L"))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / style / "include.png").convert("L")),
+                              np.asarray(Image.open(tmp_path / "mean" / "include.png").convert("L")))
+    assert not np.array_equal(panels["mean"], panels["shift"])
+    code, _, err = run_main_in_process(repo_root / "test_direct_decoder.py",
+                                       [*common, "--hook_style", "median", "--output_dir", tmp_path / "bad"],
+                                       monkeypatch, capsys)
+    assert code == 1 and "--hook_style" in one_error_line(err) and not (tmp_path / "bad").exists()
