@@ -1,4 +1,4 @@
-"""Hook styles (mean, nearest, shift) through every interface: Steering by index and class (the mean style bitwise the
+"""Hook styles (mean, nearest, shift, shift_nearest) through every interface: Steering by index and class (the mean style bitwise the
 original hooks), the Python API, the attribution stage's --hook_style, and the server's JSON and /v1/info.
 
 The tiny reference set is the first 120 mnist5k images, all zeros, so class hooks target class 0.
@@ -21,8 +21,8 @@ from models.server.generation import GenerationService, HookStyle
 from models.server.jobs import JobManager
 from models.server.serving import ServeOptions, load_served_pipeline
 from models.stages.attribution import AttributionOptions, attribution_generation
-from models.steering.hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, class_hook, compose, exclude_hook, include_hook,
-                                   nearest_exclude_hook, nearest_hook, shift_hook)
+from models.steering.hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, SHIFT_REACH, class_hook, compose, exclude_hook,
+                                   include_hook, nearest_exclude_hook, nearest_hook, shift_hook, shift_nearest_hook)
 from models.steering.steering import Steering
 
 SHAPE = (8, 7, 7)
@@ -56,10 +56,14 @@ def test_steering_builds_each_style_from_the_reference_set(synthetic, h):
     members = feats[labels == 2]
     torch.testing.assert_close(synthetic.toward_class(2, 0.6, "nearest")(h), nearest_hook(members, 0.6)(h))
     torch.testing.assert_close(synthetic.toward_class(2, 0.6, "shift")(h),
-                               shift_hook(members.mean(0) - feats.mean(0), 0.6)(h))
+                               shift_hook(SHIFT_REACH * (members.mean(0) - feats.mean(0)), 0.6)(h))
+    torch.testing.assert_close(synthetic.toward_class(2, 0.6, "shift_nearest")(h),
+                               shift_nearest_hook(members, members.mean(0) - feats.mean(0), 0.6)(h))
     torch.testing.assert_close(synthetic.include([0, 1, 2, 3], 0.5, "nearest")(h), nearest_hook(feats[:4], 0.5)(h))
     torch.testing.assert_close(synthetic.exclude([0, 1], 0.5, "shift")(h),
-                               shift_hook(feats.mean(0) - feats[:2].mean(0), 0.5)(h))
+                               shift_hook(SHIFT_REACH * (feats.mean(0) - feats[:2].mean(0)), 0.5)(h))
+    torch.testing.assert_close(synthetic.exclude([0, 1], 0.5, "shift_nearest")(h),
+                               synthetic.exclude([0, 1], 0.5, "nearest")(h))
     # nearest exclude: the excluded rows are not among the candidates it moves toward
     torch.testing.assert_close(synthetic.exclude([0, 1], 0.5, "nearest")(h),
                                nearest_exclude_hook(feats[:2], feats[2:], 0.5)(h))
@@ -84,7 +88,7 @@ def test_nearest_style_keeps_generations_apart_where_mean_collapses_them(synthet
 def test_unknown_style_is_refused(synthetic):
     for call in (lambda: synthetic.toward_class(0, 0.5, "median"), lambda: synthetic.include([0], 0.5, "Mean"),
                  lambda: synthetic.exclude([0], 0.5, "")):
-        with pytest.raises(PipelineError, match="hook_style must be one of mean, nearest, shift"):
+        with pytest.raises(PipelineError, match="hook_style must be one of mean, nearest, shift, shift_nearest"):
             call()
 
 
@@ -94,8 +98,10 @@ def test_api_takes_the_style(tiny_pipeline):
     z = pipe.noise(4, seed=9)
     h = pipe.student.decoder.bottleneck(z)
     members = pipe.steering.features[pipe.steering.labels == 0]
+    direction = members.mean(0) - pipe.steering.features.mean(0)
     for style, expected in (("mean", class_hook(members, 0.8)), ("nearest", nearest_hook(members, 0.8)),
-                            ("shift", shift_hook(members.mean(0) - pipe.steering.features.mean(0), 0.8))):
+                            ("shift", shift_hook(SHIFT_REACH * direction, 0.8)),
+                            ("shift_nearest", shift_nearest_hook(members, direction, 0.8))):
         out = pipe.generate(4, hook=pipe.toward_class(0, 0.8, style), noise=z, top_k=1)
         torch.testing.assert_close(out.features, expected(h), rtol=1e-5, atol=1e-6)
     with pytest.raises(PipelineError, match="hook_style"):
@@ -170,7 +176,7 @@ def test_server_json_takes_the_style(client):
 def test_server_refuses_a_bad_style_with_a_422(client, style):
     r = client[0].post("/v1/generate", json={"n": 2, "hooks": [{"type": "class", "label": 0, "style": style}]})
     assert r.status_code == 422, r.text
-    assert "hooks.0.class.style: Input should be 'mean', 'nearest' or 'shift'" in r.json()["detail"]
+    assert "hooks.0.class.style: Input should be 'mean', 'nearest', 'shift' or 'shift_nearest'" in r.json()["detail"]
 
 
 def test_make_figures_strip_rises_from_the_unhooked_images(tiny_pipeline, tmp_path, monkeypatch, capsys, repo_root):

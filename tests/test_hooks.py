@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from models.io.errors import PipelineError
-from models.steering.hooks import (HookError, channel_scale_hook, class_direction, class_hook, class_means, compose,
-                                   exclude_hook, include_hook, interpolate_hook, multi_include_hook,
-                                   nearest_exclude_hook, nearest_hook, shift_hook)
+from models.steering.hooks import (SHIFT_NEAREST_PULL, SHIFT_REACH, HookError, channel_scale_hook, class_direction,
+                                   class_hook, class_means, compose, exclude_hook, include_hook, interpolate_hook,
+                                   multi_include_hook, nearest_exclude_hook, nearest_hook, shift_hook,
+                                   shift_nearest_hook)
 
 SHAPE = (8, 7, 7)  # the tiny teacher's bottleneck (base_dim 4, dim_mults [2, 4])
 
@@ -230,7 +231,7 @@ def _clusters() -> tuple[torch.Tensor, torch.Tensor]:
 def test_new_styles_at_strength_zero_are_the_identity(h, targets):
     members, _ = _clusters()
     for hook in (nearest_hook(targets, 0.0), shift_hook(targets[0], 0.0),
-                 nearest_exclude_hook(targets[:1], members, 0.0)):
+                 nearest_exclude_hook(targets[:1], members, 0.0), shift_nearest_hook(targets, targets[0], 0.0)):
         assert torch.equal(hook(h), h)
 
 
@@ -259,6 +260,22 @@ def test_shift_adds_the_same_vector_to_every_row(h, targets):
     torch.testing.assert_close(out[0] - out[1], h[0] - h[1])  # differences between generations kept
     reference = torch.cat([targets, -targets])
     torch.testing.assert_close(class_direction(targets, reference), targets.mean(0) - reference.mean(0))
+
+
+def test_shift_nearest_shifts_then_pulls_toward_the_shifted_points_neighbours():
+    members, queries = _clusters()
+    direction = members[5:10].mean(0) - members.mean(0)  # toward cluster 1
+    unit = torch.nn.functional.normalize(members.flatten(1), dim=1)
+    for s in (0.4, 1.0):
+        out = shift_nearest_hook(members, direction, s, k=2)(queries)
+        shifted = queries + s * SHIFT_REACH * direction
+        for i in range(4):
+            idx = (torch.nn.functional.normalize(shifted[i].flatten(), dim=0) @ unit.T).topk(2).indices
+            expected = shifted[i] + s * SHIFT_NEAREST_PULL * (members[idx].mean(0) - shifted[i])
+            torch.testing.assert_close(out[i], expected)
+    # each row keeps a target of its own: four rows, four results
+    out = shift_nearest_hook(members, direction, 1.0, k=2)(queries)
+    assert len({tuple(row.flatten().round(decimals=4).tolist()) for row in out}) == 4
 
 
 def test_nearest_exclude_moves_away_toward_real_candidates():
@@ -293,8 +310,11 @@ def test_nearest_exclude_moves_away_toward_real_candidates():
     lambda t: nearest_hook(t, 0.5, k=2.5), lambda t: nearest_hook(t[0], 0.5), lambda t: nearest_hook(t[:0], 0.5),
     lambda t: shift_hook(t[0], -0.1), lambda t: shift_hook(t[0], 1.5),
     lambda t: nearest_exclude_hook(t, t, 2.5), lambda t: nearest_exclude_hook(t, t[:0], 0.5),
+    lambda t: shift_nearest_hook(t, t[0], 1.1), lambda t: shift_nearest_hook(t, t[0], 0.5, k=0),
+    lambda t: shift_nearest_hook(t[:0], t[0], 0.5),
 ], ids=["near-strength", "near-nan", "near-k0", "near-k-float", "near-3d", "near-empty", "shift-negative",
-        "shift-over", "near-exclude-strength", "near-exclude-empty"])
+        "shift-over", "near-exclude-strength", "near-exclude-empty", "shift-near-strength", "shift-near-k0",
+        "shift-near-empty"])
 def test_new_styles_refuse_bad_values(targets, call):
     with pytest.raises(HookError):
         call(targets)
@@ -302,6 +322,7 @@ def test_new_styles_refuse_bad_values(targets, call):
 
 def test_new_styles_refuse_features_of_another_decoder(h):
     for hook in (nearest_hook(torch.zeros(3, 16, 7, 7)), shift_hook(torch.zeros(16, 7, 7)),
-                 nearest_exclude_hook(torch.zeros(2, 16, 7, 7), torch.ones(3, 16, 7, 7))):
+                 nearest_exclude_hook(torch.zeros(2, 16, 7, 7), torch.ones(3, 16, 7, 7)),
+                 shift_nearest_hook(torch.zeros(3, 16, 7, 7), torch.zeros(16, 7, 7))):
         with pytest.raises(HookError, match="shape"):
             hook(h)

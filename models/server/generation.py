@@ -27,9 +27,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-HookStyle = Literal["mean", "nearest", "shift"]  # models.steering.hooks.HOOK_STYLES (tests/test_serve.py checks)
+HookStyle = Literal["mean", "nearest", "shift", "shift_nearest"]  # models.steering.hooks.HOOK_STYLES (tests/test_serve.py checks)
 STYLE_DOC = ("how the hook moves each generation: toward the targets' mean (mean), toward its own nearest targets "
-             "(nearest), or by the targets' direction (shift)")
+             "(nearest), by the targets' direction (shift), or by the direction and then toward the nearest targets "
+             "there (shift_nearest)")
 
 
 class ClassHookSpec(_Strict):

@@ -14,8 +14,9 @@ from ..io.images import save_image_grid
 from ..io.paths import DEFAULT_CLASSIFIER
 from ..nets.classifier import load_classifier
 from ..nets.student import load_teacher_and_student
-from ..steering.hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, channel_scale_hook, exclude_hook, include_hook,
-                              interpolate_hook, multi_include_hook, nearest_hook, shift_hook)
+from ..steering.hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, SHIFT_REACH, channel_scale_hook, exclude_hook,
+                              include_hook, interpolate_hook, multi_include_hook, nearest_hook, shift_hook,
+                              shift_nearest_hook)
 
 PROBE_SAMPLES = 256  # generations weighted by the classifier to estimate a class mean without reference features
 NEAREST_PROBES = 8  # the nearest style's stand-in class when the classifier calls no probe the target class
@@ -92,10 +93,12 @@ def _class_hook(probe_h: torch.Tensor, target_prob: torch.Tensor, strength: floa
     """The class hook without reference features: the probes stand in for the class's training images."""
     if style == "mean":
         return multi_include_hook(probe_h, target_prob.tolist(), strength)
+    weights = target_prob / target_prob.sum().clamp_min(1e-12)
+    direction = torch.einsum("k,kchw->chw", weights, probe_h.float()) - probe_h.float().mean(0)
     if style == "shift":
-        weights = target_prob / target_prob.sum().clamp_min(1e-12)
-        return shift_hook(torch.einsum("k,kchw->chw", weights, probe_h.float()) - probe_h.float().mean(0), strength,
-                          "class")
+        return shift_hook(SHIFT_REACH * direction, strength, "class")
     likely = target_prob >= 0.5
     members = probe_h[likely] if likely.sum() >= 1 else probe_h[target_prob.topk(NEAREST_PROBES).indices]
+    if style == "shift_nearest":
+        return shift_nearest_hook(members, direction, strength, name="class")
     return nearest_hook(members, strength, name="class")

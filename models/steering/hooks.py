@@ -10,8 +10,12 @@ Class, include and exclude hooks come in styles (``HOOK_STYLES``), because a sha
 - ``nearest``: each generation moves toward the mean of its own k nearest targets (cosine), so generations that
   differed go to different real digits; exclude moves toward its nearest reference features that are less like
   the excluded images than it is, so it never leaves the reference set's neighbourhood.
-- ``shift``: every generation gets the same displacement, the targets' mean minus the reference set's mean (added
-  for class and include, subtracted for exclude), so differences between generations are kept exactly.
+- ``shift``: every generation gets the same displacement, ``SHIFT_REACH`` times the targets' mean minus the
+  reference set's mean (added for class and include, subtracted for exclude), so differences between generations
+  are kept exactly.
+- ``shift_nearest``: the shift, then a pull toward the mean of the shifted point's own k nearest targets: the shift
+  carries each generation into the class keeping its differences, the pull brings it onto real digits there.
+  Exclude as in ``nearest``.
 """
 from __future__ import annotations
 
@@ -24,9 +28,12 @@ from ..io.errors import PipelineError
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 
-HOOK_STYLES = ("mean", "nearest", "shift")
-DEFAULT_HOOK_STYLE = "nearest"  # chosen by bench/bench_hook_variety.py (BENCHMARKS.md, Hooks)
+HOOK_STYLES = ("mean", "nearest", "shift", "shift_nearest")
+DEFAULT_HOOK_STYLE = "shift_nearest"  # chosen by bench/bench_hook_variety.py (BENCHMARKS.md, Hooks)
 NEAREST_K = 8  # targets averaged per generation by the nearest style: a local mean, not one image copied
+SHIFT_REACH = 2.0  # class directions added at strength 1 (one direction reaches about half of a class: the bench)
+SHIFT_NEAREST_K = 2  # targets averaged after the shift: the shifted point already sits among its class
+SHIFT_NEAREST_PULL = 0.75  # share of the way to those targets at strength 1 (1 would drop the shift's variety)
 
 
 class HookError(PipelineError, ValueError):
@@ -158,6 +165,23 @@ def shift_hook(direction: torch.Tensor, strength: float = 0.5, name: str = "incl
     s = _check_strength(name, strength, 0.0, max_strength)
     target = _checked(direction.float())
     return lambda h: h + s * target(h)
+
+
+def shift_nearest_hook(members: torch.Tensor, direction: torch.Tensor, strength: float = 0.5,
+                       k: int = SHIFT_NEAREST_K, name: str = "include") -> Hook:
+    """Adds ``strength * SHIFT_REACH * direction``, then moves the result ``strength * SHIFT_NEAREST_PULL`` of the
+    way toward the mean of its own ``k`` nearest members (cosine)."""
+    s = _check_strength(name, strength, 0.0, 1.0)
+    members, k = _members(members, f"{name} targets"), _check_k(k)
+    shift = _checked(direction.float())
+    unit = _unit_rows(members)
+
+    def hook(h: torch.Tensor) -> torch.Tensor:
+        m = _checked_members(members, h)
+        q = h + (s * SHIFT_REACH) * shift(h)
+        idx = (_unit_rows(q) @ unit.to(h.device).T).topk(min(k, len(m)), dim=1).indices
+        return q + (s * SHIFT_NEAREST_PULL) * (m[idx].mean(1).to(h.dtype) - q)
+    return hook
 
 
 def class_direction(members: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

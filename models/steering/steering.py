@@ -15,8 +15,9 @@ import torch
 
 from ..io.errors import PipelineError
 from ..nets.image_encoder import load_image_encoder
-from .hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, NEAREST_K, class_direction, class_hook, exclude_hook,
-                    include_hook, interpolate_hook, nearest_exclude_hook, nearest_hook, shift_hook)
+from .hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, NEAREST_K, SHIFT_NEAREST_K, SHIFT_REACH, class_direction,
+                    class_hook, exclude_hook, include_hook, interpolate_hook, nearest_exclude_hook, nearest_hook,
+                    shift_hook, shift_nearest_hook)
 from .search import top_k_similar
 
 ATTRIBUTE_BY = ("bottleneck", "image")
@@ -48,32 +49,37 @@ class Steering:
         self.device = device
         self._encoder = None
 
-    def include(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int = NEAREST_K):
+    def include(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None):
         """Toward training images ``indices`` in ``style`` (hooks.HOOK_STYLES)."""
         return self._toward(self.features[_check_indices("include", list(indices), len(self.labels))], strength,
                             style, "include", k)
 
     def exclude(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int = NEAREST_K):
-        """Away from training images ``indices`` in ``style``: the mean style mirrors include; nearest steps toward
-        the nearest other training images less like them; shift subtracts their direction."""
+        """Away from training images ``indices`` in ``style``: the mean style mirrors include; nearest and
+        shift_nearest step toward the nearest other training images less like them; shift subtracts their
+        direction."""
         rows = _check_indices("exclude", list(indices), len(self.labels))
         targets = self.features[rows]
         style = check_hook_style(style)
         if style == "mean":
             return exclude_hook(targets, strength)
         if style == "shift":
-            return shift_hook(-class_direction(targets, self.features), strength, "exclude", max_strength=2.0)
+            return shift_hook(-SHIFT_REACH * class_direction(targets, self.features), strength, "exclude",
+                              max_strength=2.0)
         keep = torch.ones(len(self.labels), dtype=torch.bool)
         keep[rows] = False
         return nearest_exclude_hook(targets, self.features[keep.to(self.features.device)], strength, k)
 
-    def _toward(self, targets: torch.Tensor, strength, style: str, name: str, k: int):
+    def _toward(self, targets: torch.Tensor, strength, style: str, name: str, k: int | None):
         style = check_hook_style(style)
         if style == "mean":
             return (class_hook if name == "class" else include_hook)(targets, strength)
         if style == "nearest":
-            return nearest_hook(targets, strength, k, name)
-        return shift_hook(class_direction(targets, self.features), strength, name)
+            return nearest_hook(targets, strength, NEAREST_K if k is None else k, name)
+        direction = class_direction(targets, self.features)
+        if style == "shift":
+            return shift_hook(SHIFT_REACH * direction, strength, name)
+        return shift_nearest_hook(targets, direction, strength, SHIFT_NEAREST_K if k is None else k, name)
 
     def interpolate(self, a_indices, b_indices, alpha, strength):
         """Toward the point ``alpha`` of the way from the mean of training images a to the mean of images b."""
@@ -81,7 +87,7 @@ class Steering:
         return interpolate_hook(self.features[_check_indices("interpolate a", list(a_indices), n)],
                                 self.features[_check_indices("interpolate b", list(b_indices), n)], alpha, strength)
 
-    def toward_class(self, label: int, strength, style: str = DEFAULT_HOOK_STYLE, k: int = NEAREST_K):
+    def toward_class(self, label: int, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None):
         """Toward the reference features of class ``label`` in ``style`` (hooks.HOOK_STYLES)."""
         classes = sorted(int(c) for c in self.labels.unique())
         if label not in classes:
