@@ -14,6 +14,7 @@ classifier's feature space (no hook, loss or rule uses it):
     python bench/bench_hook_variety.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
         --decoder_ckpt checkpoints/student_mnist5k.pt --ref_features_path FEATURES.pt --n 500 --cpu
 """
+import copy
 import json
 import time
 
@@ -29,8 +30,6 @@ from models.io.progress import progress_bar
 from models.io.records import append_run_record
 from models.nets.classifier import load_classifier
 from models.steering.hooks import HOOK_STYLES
-
-BASELINE_DRAW = 8  # the unhooked draw is this many times --n, so each digit has about --n of the student's own
 
 
 def ot_hook(members: torch.Tensor, strength: float):
@@ -49,10 +48,20 @@ def ot_hook(members: torch.Tensor, strength: float):
     return hook
 
 
+def _trainable_copy(module):
+    module = copy.deepcopy(module)
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        tensor.data = tensor.data.clone()
+    return module
+
+
 def guidance_hook(decoder, classifier, digit: int, strength: float, steps: int = 8, step: float = 0.05):
     """Classifier guidance in the bottleneck: ``steps`` normalised gradient steps on log p(digit | decoded image)
     by the PROJECT classifier, each ``strength * step`` of the features' own norm. Costs a decoder and classifier
     backward pass per step: measured here, not offered as a style."""
+    with torch.inference_mode(False):  # weights made under inference mode cannot be saved for backward: copies
+        decoder, classifier = _trainable_copy(decoder), _trainable_copy(classifier)
+
     def hook(h: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(False), torch.enable_grad():
             x = h.detach().clone().float()
@@ -85,6 +94,8 @@ def main():
                         "the project classifier's gradient in the bottleneck (class only)")
     p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="class-hook targets")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75, 1.0], help="class-hook strengths")
+    p.add_argument("--baseline_draw", type=int, default=8, help="unhooked generations, in multiples of --n: each "
+                   "digit needs about --n of the student's own")
     p.add_argument("--include", type=int, nargs="+", default=list(range(10)), help="training images to include")
     p.add_argument("--exclude", type=int, nargs="+", default=list(range(100, 110)), help="training images to exclude")
     p.add_argument("--set_strengths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
@@ -113,7 +124,7 @@ def main():
             return guidance_hook(decoder, project, digit, s)
         return steer.toward_class(digit, s, style)
 
-    base_noise = pipe.noise(a.n * BASELINE_DRAW, a.seed)
+    base_noise = pipe.noise(a.n * a.baseline_draw, a.seed)
     base_feats, base_logits = classifier_outputs(audit, pipe.generate(len(base_noise), noise=base_noise,
                                                                       top_k=0).images)
     base_pred = base_logits.argmax(1)

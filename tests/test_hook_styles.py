@@ -60,6 +60,8 @@ def test_steering_builds_each_style_from_the_reference_set(synthetic, h):
     torch.testing.assert_close(synthetic.toward_class(2, 0.6, "shift_nearest")(h),
                                shift_nearest_hook(members, members.mean(0) - feats.mean(0), 0.6)(h))
     torch.testing.assert_close(synthetic.include([0, 1, 2, 3], 0.5, "nearest")(h), nearest_hook(feats[:4], 0.5)(h))
+    assert torch.equal(synthetic.include([0, 1, 2, 3], 0.5, "shift_nearest")(h),
+                       synthetic.include([0, 1, 2, 3], 0.5, "nearest")(h))  # a few images: no direction to shift by
     torch.testing.assert_close(synthetic.exclude([0, 1], 0.5, "shift")(h),
                                shift_hook(SHIFT_REACH * (feats.mean(0) - feats[:2].mean(0)), 0.5)(h))
     torch.testing.assert_close(synthetic.exclude([0, 1], 0.5, "shift_nearest")(h),

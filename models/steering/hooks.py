@@ -15,7 +15,8 @@ Class, include and exclude hooks come in styles (``HOOK_STYLES``), because a sha
   are kept exactly.
 - ``shift_nearest``: the shift, then a pull toward the mean of the shifted point's own k nearest targets: the shift
   carries each generation into the class keeping its differences, the pull brings it onto real digits there.
-  Exclude as in ``nearest``.
+  Include and exclude as in ``nearest`` (a few chosen images' direction is their class's: shifting by it makes
+  every generation that digit rather than like them).
 """
 from __future__ import annotations
 

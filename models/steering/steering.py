@@ -50,7 +50,7 @@ class Steering:
         self._encoder = None
 
     def include(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None):
-        """Toward training images ``indices`` in ``style`` (hooks.HOOK_STYLES)."""
+        """Toward training images ``indices`` in ``style`` (hooks.HOOK_STYLES; shift_nearest includes as nearest)."""
         return self._toward(self.features[_check_indices("include", list(indices), len(self.labels))], strength,
                             style, "include", k)
 
@@ -74,7 +74,9 @@ class Steering:
         style = check_hook_style(style)
         if style == "mean":
             return (class_hook if name == "class" else include_hook)(targets, strength)
-        if style == "nearest":
+        if style == "nearest" or (style == "shift_nearest" and name == "include"):
+            # a handful of chosen images has no direction worth shifting by: their mean minus the average digit is
+            # their class's direction, which makes every generation that digit instead of like those images
             return nearest_hook(targets, strength, NEAREST_K if k is None else k, name)
         direction = class_direction(targets, self.features)
         if style == "shift":
