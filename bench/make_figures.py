@@ -19,7 +19,7 @@ def main():
     p = pipeline_parser(__doc__, None, n=36)
     p.add_argument("--output_dir", default="docs/figures", help="where the PNGs go")
     p.add_argument("--strength", type=float, default=0.5, help="strength of the include and exclude panels")
-    p.add_argument("--class_strength", type=float, default=0.9, help="strength of the class panel (where the hook "
+    p.add_argument("--class_strength", type=float, default=0.75, help="strength of the class panel (where the hook "
                    "reaches its class: BENCHMARKS.md, Hooks)")
     p.add_argument("--hook_style", choices=list(HOOK_STYLES), default=DEFAULT_HOOK_STYLE, help="style of every hook")
     p.add_argument("--strip", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
