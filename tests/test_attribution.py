@@ -224,7 +224,7 @@ def test_top_k_similar_chunked_equals_unchunked():
 def test_api_generate_with_class_hook(tiny_pipeline):
     pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student),
                                       str(tiny_pipeline.features), device="cpu")
-    hook = pipe.toward_class(TARGET, 0.5)
+    hook = pipe.toward_class(TARGET, 0.5, "mean")  # the other styles: tests/test_hook_styles.py
     out = pipe.generate(4, hook=hook)
     assert tuple(out.images.shape) == (4, 1, 28, 28)
     assert out.images.min() >= -1 and out.images.max() <= 1
