@@ -5,6 +5,7 @@ else by bottleneck features)."""
 from models.io.cli import ArgumentParser, add_common, options_from_args
 from models.io.errors import run_cli
 from models.stages.attribution import AttributionOptions, attribution_generation
+from models.steering.hooks import HOOK_STYLES
 from models.steering.steering import ATTRIBUTE_BY
 
 
@@ -22,6 +23,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--target_class", type=int, default=d.target_class, help="class of the class hook")
     p.add_argument("--strength", type=float, nargs="+", default=d.strength,
                    help="hook strength in [0, 1]; several values make a sweep (the first names the main PNGs)")
+    p.add_argument("--hook_style", choices=list(HOOK_STYLES), default=d.hook_style,
+                   help="how the class, include and exclude hooks move each generation: toward the mean of the "
+                        "targets (mean: generations become alike), toward each one's own nearest targets (nearest), "
+                        "or all by the targets' direction from the average digit (shift)")
     p.add_argument("--top_k", type=int, default=d.top_k, help="training images reported per generation")
     p.add_argument("--attribute_by", choices=["auto", *ATTRIBUTE_BY], default=d.attribute_by,
                    help="place each generation among the training images by its digit shape (shape: pixels compared "

@@ -4,6 +4,7 @@ from models.io.cli import ArgumentParser, add_common
 from models.io.errors import run_cli
 from models.io.paths import DEFAULT_CLASSIFIER, DEFAULT_TEACHER
 from models.stages.gallery import hook_gallery
+from models.steering.hooks import DEFAULT_HOOK_STYLE, HOOK_STYLES
 
 
 def main():
@@ -14,13 +15,16 @@ def main():
     p.add_argument("--output_dir", default="test_outputs", help="baseline.png, one PNG per hook, hooks_overview.png")
     p.add_argument("--strength", type=float, default=0.5, help="strength of the include/exclude/class hooks")
     p.add_argument("--target_class", type=int, default=3, help="class of the class hook")
+    p.add_argument("--hook_style", choices=list(HOOK_STYLES), default=DEFAULT_HOOK_STYLE,
+                   help="how the class hook moves each image: toward a class mean (mean), toward its own nearest "
+                        "probes of the class (nearest), or by the class direction (shift)")
     p.add_argument("--seed", type=int, default=0, help="noise of sample i depends only on (seed, i)")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
                    help="project classifier, used to find class means and report class shares")
     add_common(p)
     a = p.parse_args()
     hook_gallery(a.ddpm_ckpt, a.decoder_ckpt, a.n_samples, a.output_dir, a.seed, a.strength, a.target_class, a.cpu,
-                 a.classifier, a.dry_run)
+                 a.classifier, a.dry_run, a.hook_style)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from .io.errors import PipelineError
 from .io.guards import require_finite
 from .nets.student import load_teacher_and_student
 from .stages.features import check_feature_pairing, load_reference_features
-from .steering.hooks import Hook
+from .steering.hooks import DEFAULT_HOOK_STYLE, Hook
 from .steering.steering import Steering
 
 
@@ -60,17 +60,18 @@ class DirectDecoderPipeline:
             raise PipelineError("this needs reference features: DirectDecoderPipeline.load(..., features_path=...)")
         return self.steering
 
-    def include(self, indices, strength: float = 0.5) -> Hook:
-        return self._need_reference().include(indices, strength)
+    def include(self, indices, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE) -> Hook:
+        """Toward training images ``indices``; ``style``: one of models.steering.hooks.HOOK_STYLES."""
+        return self._need_reference().include(indices, strength, style)
 
-    def exclude(self, indices, strength: float = 0.5) -> Hook:
-        return self._need_reference().exclude(indices, strength)
+    def exclude(self, indices, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE) -> Hook:
+        return self._need_reference().exclude(indices, strength, style)
 
     def interpolate(self, a_indices, b_indices, alpha: float = 0.5, strength: float = 0.5) -> Hook:
         return self._need_reference().interpolate(a_indices, b_indices, alpha, strength)
 
-    def toward_class(self, label: int, strength: float = 0.5) -> Hook:
-        return self._need_reference().toward_class(label, strength)
+    def toward_class(self, label: int, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE) -> Hook:
+        return self._need_reference().toward_class(label, strength, style)
 
     def noise(self, n: int, seed: int = 0) -> torch.Tensor:
         return per_sample_noise(seed, range(n), device=self.device)

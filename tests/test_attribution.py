@@ -53,7 +53,7 @@ def attr_run(tiny_pipeline, random_ref, tmp_path_factory, script) -> dict:
                   tiny_pipeline.student, "--ref_features_path", random_ref[0], "--output_dir", out,
                   "--n_samples", N_SAMPLES, "--top_k", TOP_K, "--include", *INCLUDE, "--exclude", *EXCLUDE,
                   "--target_class", TARGET, "--strength", *STRENGTHS, "--n_eval", N_EVAL, "--attribute_by",
-                  "bottleneck", "--cpu")
+                  "bottleneck", "--hook_style", "mean", "--cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "proc": proc, "results": load_pt(out / "attribution_results.pt"),
             "report": json.loads((out / "attribution_report.json").read_text())}
@@ -230,7 +230,7 @@ def test_top_k_similar_chunked_equals_unchunked():
 def test_api_generate_with_class_hook(tiny_pipeline):
     pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student),
                                       str(tiny_pipeline.features), device="cpu")
-    hook = pipe.toward_class(TARGET, 0.5)
+    hook = pipe.toward_class(TARGET, 0.5, "mean")  # the other styles: tests/test_hook_styles.py
     out = pipe.generate(4, hook=hook)
     assert tuple(out.images.shape) == (4, 1, 28, 28)
     assert out.images.min() >= -1 and out.images.max() <= 1

@@ -380,6 +380,8 @@ def test_help_explains_every_option_with_its_default(script, monkeypatch, capsys
 BENCH_MISSING_INPUT = {
     "average_teacher_checkpoints.py": ["MISSING", "MISSING", "--out", "OUT"],
     # script: arguments, with MISSING where a model goes; OUT is where the bench would write its record
+    "bench_attribution_analysis.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING",
+                                      "--ref_features_path", "MISSING", "--record", "OUT", "--cpu"],
     "bench_attribution_neighbours.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING",
                                         "--ref_features_path", "MISSING", "--record", "OUT", "--cpu"],
     "bench_bottleneck_control.py": ["--students", "MISSING", "--record", "OUT", "--cpu"],
@@ -389,6 +391,8 @@ BENCH_MISSING_INPUT = {
     "bench_demo_student.py": ["--ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_features.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_generate.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "bench_hook_variety.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--ref_features_path", "MISSING",
+                              "--record", "OUT", "--cpu"],
     "bench_serve.py": ["--teacher", "MISSING", "--student", "MISSING", "--record", "OUT", "--cpu"],
     "bench_student_quality.py": ["--ddpm_ckpt", "MISSING", "--data_path", "MISSING", "--students", "MISSING",
                                  "--record", "OUT", "--cpu"],

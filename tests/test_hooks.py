@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from models.io.errors import PipelineError
-from models.steering.hooks import (HookError, channel_scale_hook, class_hook, class_means, compose, exclude_hook,
-                                   include_hook, interpolate_hook, multi_include_hook)
+from models.steering.hooks import (SHIFT_NEAREST_PULL, SHIFT_REACH, HookError, channel_scale_hook, class_direction,
+                                   class_hook, class_means, compose, exclude_hook, include_hook, interpolate_hook,
+                                   multi_include_hook, nearest_exclude_hook, nearest_hook, shift_hook,
+                                   shift_nearest_hook)
 
 SHAPE = (8, 7, 7)  # the tiny teacher's bottleneck (base_dim 4, dim_mults [2, 4])
 
@@ -213,3 +215,114 @@ def test_empty_target_set_raises():
     for make in (include_hook, exclude_hook, class_hook):
         with pytest.raises(HookError, match="empty"):
             make(empty, 0.5)
+
+
+# ---------------------------------------------------------------- nearest / shift styles
+
+def _clusters() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four well separated clusters of 5 members each, and one query row near each cluster."""
+    g = _gen(7)
+    centres = torch.randn((4, *SHAPE), generator=g) * 3
+    members = (centres[:, None] + 0.1 * torch.randn((4, 5, *SHAPE), generator=g)).flatten(0, 1)
+    queries = centres + 0.5 * torch.randn((4, *SHAPE), generator=g)
+    return members, queries
+
+
+def test_new_styles_at_strength_zero_are_the_identity(h, targets):
+    members, _ = _clusters()
+    for hook in (nearest_hook(targets, 0.0), shift_hook(targets[0], 0.0),
+                 nearest_exclude_hook(targets[:1], members, 0.0), shift_nearest_hook(targets, targets[0], 0.0)):
+        assert torch.equal(hook(h), h)
+
+
+def test_nearest_moves_each_row_toward_its_own_neighbours():
+    members, queries = _clusters()
+    unit = torch.nn.functional.normalize(members.flatten(1), dim=1)
+    for k in (1, 3, 5):
+        out = nearest_hook(members, 1.0, k=k)(queries)
+        for i, q in enumerate(queries):
+            nearest = (torch.nn.functional.normalize(q.flatten(), dim=0) @ unit.T).topk(k).indices
+            assert set(nearest.tolist()) <= set(range(5 * i, 5 * i + 5)), "neighbours left the query's cluster"
+            torch.testing.assert_close(out[i], members[nearest].mean(0))
+    half = nearest_hook(members, 0.4, k=3)(queries)
+    torch.testing.assert_close(half, queries + 0.4 * (nearest_hook(members, 1.0, k=3)(queries) - queries))
+    # rows that differed keep differing: four rows, four different targets (the mean style gives one)
+    assert len({tuple(row.flatten().round(decimals=4).tolist()) for row in nearest_hook(members, 1.0)(queries)}) == 4
+    assert torch.equal(nearest_hook(members, 1.0, k=100)(queries)[0], nearest_hook(members, 1.0, k=20)(queries)[0])
+
+
+def test_shift_adds_the_same_vector_to_every_row(h, targets):
+    direction = targets[0] - targets[1]
+    out = shift_hook(direction, 0.6)(h)
+    moved = out - h
+    for row in moved:
+        torch.testing.assert_close(row, 0.6 * direction)
+    torch.testing.assert_close(out[0] - out[1], h[0] - h[1])  # differences between generations kept
+    reference = torch.cat([targets, -targets])
+    torch.testing.assert_close(class_direction(targets, reference), targets.mean(0) - reference.mean(0))
+
+
+def test_shift_nearest_shifts_then_pulls_toward_the_shifted_points_neighbours():
+    members, queries = _clusters()
+    direction = members[5:10].mean(0) - members.mean(0)  # toward cluster 1
+    unit = torch.nn.functional.normalize(members.flatten(1), dim=1)
+    for s in (0.4, 1.0):
+        out = shift_nearest_hook(members, direction, s, k=2)(queries)
+        shifted = queries + s * SHIFT_REACH * direction
+        for i in range(4):
+            idx = (torch.nn.functional.normalize(shifted[i].flatten(), dim=0) @ unit.T).topk(2).indices
+            expected = shifted[i] + s * SHIFT_NEAREST_PULL * (members[idx].mean(0) - shifted[i])
+            torch.testing.assert_close(out[i], expected)
+    # each row keeps a target of its own: four rows, four results
+    out = shift_nearest_hook(members, direction, 1.0, k=2)(queries)
+    assert len({tuple(row.flatten().round(decimals=4).tolist()) for row in out}) == 4
+
+
+def test_nearest_exclude_moves_away_toward_real_candidates():
+    members, queries = _clusters()
+    excluded, candidates = members[:5], members[5:]
+    centre = torch.nn.functional.normalize(excluded.mean(0).flatten(), dim=0)
+
+    def likeness(x):
+        return torch.nn.functional.normalize(x.flatten(1), dim=1) @ centre
+    before, after = likeness(queries), likeness(nearest_exclude_hook(excluded, candidates, 1.0, k=2)(queries))
+    assert (after <= before + 1e-6).all() and after[0] < before[0] - 0.1, (before, after)
+    # at strength 1 each row is the mean of its (up to) 2 nearest candidates less like the excluded than it was,
+    # or unchanged when there is none (row 1 here: already less like them than any candidate)
+    out = nearest_exclude_hook(excluded, candidates, 1.0, k=2)(queries)
+    unit = torch.nn.functional.normalize(candidates.flatten(1), dim=1)
+    for i in range(4):
+        allowed = torch.nonzero(likeness(candidates) < before[i]).flatten()
+        if len(allowed) == 0:
+            assert torch.equal(out[i], queries[i])
+            continue
+        sims = unit[allowed] @ torch.nn.functional.normalize(queries[i].flatten(), dim=0)
+        idx = allowed[sims.topk(min(2, len(allowed))).indices]
+        torch.testing.assert_close(out[i], candidates[idx].mean(0))
+    assert torch.equal(out[1], queries[1]) and not torch.equal(out[0], queries[0])
+    # a row already less like the excluded images than every candidate stays where it is
+    far = -excluded.mean(0, keepdim=True)
+    assert torch.equal(nearest_exclude_hook(excluded, candidates, 1.0)(far), far)
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: nearest_hook(t, 1.5), lambda t: nearest_hook(t, math.nan), lambda t: nearest_hook(t, 0.5, k=0),
+    lambda t: nearest_hook(t, 0.5, k=2.5), lambda t: nearest_hook(t[0], 0.5), lambda t: nearest_hook(t[:0], 0.5),
+    lambda t: shift_hook(t[0], -0.1), lambda t: shift_hook(t[0], 1.5),
+    lambda t: nearest_exclude_hook(t, t, 2.5), lambda t: nearest_exclude_hook(t, t[:0], 0.5),
+    lambda t: shift_nearest_hook(t, t[0], 1.1), lambda t: shift_nearest_hook(t, t[0], 0.5, k=0),
+    lambda t: shift_nearest_hook(t[:0], t[0], 0.5),
+], ids=["near-strength", "near-nan", "near-k0", "near-k-float", "near-3d", "near-empty", "shift-negative",
+        "shift-over", "near-exclude-strength", "near-exclude-empty", "shift-near-strength", "shift-near-k0",
+        "shift-near-empty"])
+def test_new_styles_refuse_bad_values(targets, call):
+    with pytest.raises(HookError):
+        call(targets)
+
+
+def test_new_styles_refuse_features_of_another_decoder(h):
+    for hook in (nearest_hook(torch.zeros(3, 16, 7, 7)), shift_hook(torch.zeros(16, 7, 7)),
+                 nearest_exclude_hook(torch.zeros(2, 16, 7, 7), torch.ones(3, 16, 7, 7)),
+                 shift_nearest_hook(torch.zeros(3, 16, 7, 7), torch.zeros(16, 7, 7))):
+        with pytest.raises(HookError, match="shape"):
+            hook(h)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import start_server, stop_server
+from models.steering.hooks import DEFAULT_HOOK_STYLE, HOOK_STYLES
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -46,6 +47,11 @@ def test_page_steers_and_attributes_in_a_real_browser(chromium, tiny_pipeline, t
             after = page.locator("#grid img").evaluate_all("imgs => imgs.map(i => i.src)")
             assert sum(a != b for a, b in zip(before, after)) > 0
             assert page.locator("#class-strength-value").inner_text() == "1.00"
+            styles = page.locator("#hook-style option").evaluate_all("options => options.map(o => o.value)")
+            assert styles == list(HOOK_STYLES) and page.locator("#hook-style").input_value() == DEFAULT_HOOK_STYLE
+            with page.expect_request(lambda r: r.url.endswith("/v1/generate") and '"style":"mean"' in
+                                     (r.post_data or "")):
+                page.select_option("#hook-style", "mean")
             page.locator("#grid img").nth(2).click()
             page.wait_for_selector("#attribution .attribution-item img", timeout=30000)
             captions = page.locator("#attribution figcaption").all_inner_texts()

@@ -14,7 +14,7 @@ from ..api import DirectDecoderPipeline
 from ..data.datasets import load_dataset
 from ..io.errors import PipelineError
 from ..io.images import image_grid_png
-from ..steering.hooks import compose
+from ..steering.hooks import DEFAULT_HOOK_STYLE, compose
 
 MAX_N = 64
 MAX_TOP_K = 20
@@ -27,22 +27,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+HookStyle = Literal["mean", "nearest", "shift", "shift_nearest"]  # models.steering.hooks.HOOK_STYLES (tests/test_serve.py checks)
+STYLE_DOC = ("how the hook moves each generation: toward the targets' mean (mean), toward its own nearest targets "
+             "(nearest), by the targets' direction (shift), or by the direction and then toward the nearest targets "
+             "there (shift_nearest)")
+
+
 class ClassHookSpec(_Strict):
     type: Literal["class"]
     label: int
     strength: float = 0.5
+    style: HookStyle = Field(DEFAULT_HOOK_STYLE, description=STYLE_DOC)
 
 
 class IncludeHookSpec(_Strict):
     type: Literal["include"]
     indices: list[int] = Field(min_length=1, max_length=MAX_INDICES)
     strength: float = 0.5
+    style: HookStyle = Field(DEFAULT_HOOK_STYLE, description=STYLE_DOC)
 
 
 class ExcludeHookSpec(_Strict):
     type: Literal["exclude"]
     indices: list[int] = Field(min_length=1, max_length=MAX_INDICES)
     strength: float = 0.5
+    style: HookStyle = Field(DEFAULT_HOOK_STYLE, description=STYLE_DOC)
 
 
 class InterpolateHookSpec(_Strict):
@@ -94,11 +103,11 @@ class GenerationService:
         for i, spec in enumerate(specs):
             try:
                 if spec.type == "class":
-                    hooks.append(self.pipe.toward_class(spec.label, spec.strength))
+                    hooks.append(self.pipe.toward_class(spec.label, spec.strength, spec.style))
                 elif spec.type == "include":
-                    hooks.append(self.pipe.include(spec.indices, spec.strength))
+                    hooks.append(self.pipe.include(spec.indices, spec.strength, spec.style))
                 elif spec.type == "exclude":
-                    hooks.append(self.pipe.exclude(spec.indices, spec.strength))
+                    hooks.append(self.pipe.exclude(spec.indices, spec.strength, spec.style))
                 else:
                     hooks.append(self.pipe.interpolate(spec.a, spec.b, spec.alpha, spec.strength))
             except PipelineError as err:

@@ -24,7 +24,8 @@ from ..io.files import atomic_save, prepare_output_dir
 from ..io.images import save_image_grid
 from ..io.paths import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER
 from ..nets.student import load_teacher_and_student
-from ..steering.steering import ATTRIBUTE_BY, Steering
+from ..steering.hooks import DEFAULT_HOOK_STYLE
+from ..steering.steering import ATTRIBUTE_BY, Steering, check_hook_style
 from .features import check_feature_pairing, load_reference_features
 
 
@@ -39,6 +40,7 @@ class AttributionOptions:
     exclude: list = field(default_factory=lambda: list(range(100, 110)))
     target_class: int = 3
     strength: list = field(default_factory=lambda: [0.5])
+    hook_style: str = DEFAULT_HOOK_STYLE  # how class / include / exclude hooks move each generation (hooks.HOOK_STYLES)
     top_k: int = 5
     seed: int = 0
     evaluate: bool = True
@@ -54,6 +56,7 @@ def _validate(opts: AttributionOptions) -> None:
         raise PipelineError(f"--n_samples must be positive, got {opts.n_samples}")
     if opts.top_k <= 0:
         raise PipelineError(f"--top_k must be positive, got {opts.top_k}")
+    check_hook_style(opts.hook_style)
     if opts.attribute_by not in ("auto", *ATTRIBUTE_BY):
         raise PipelineError(f"--attribute_by must be one of auto, {', '.join(ATTRIBUTE_BY)}, got {opts.attribute_by!r}")
     for s in opts.strength:
@@ -71,8 +74,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
     steer = Steering(student.decoder, ref, device)
     attribute_by = steer.resolve_attribute_by(opts.attribute_by)
     s0 = opts.strength[0]
-    hooks = {"baseline": None, "include": steer.include(opts.include, s0), "exclude": steer.exclude(opts.exclude, s0),
-             f"class_{opts.target_class}": steer.toward_class(opts.target_class, s0)}
+    hooks = {"baseline": None, **_hooks(steer, opts, s0)}
     chosen = {"include": {"indices": opts.include, "labels": ref["labels"][opts.include].tolist()},
               "exclude": {"indices": opts.exclude, "labels": ref["labels"][opts.exclude].tolist()}}
     if dry_run:
@@ -90,9 +92,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
                "reference": {"path": opts.ref_features_path, "dataset": ref["metadata"]["dataset"]}}
     grids = {}
     for s in opts.strength:
-        run_hooks = hooks if s == s0 else {"baseline": None, "include": steer.include(opts.include, s),
-                                            "exclude": steer.exclude(opts.exclude, s),
-                                            f"class_{opts.target_class}": steer.toward_class(opts.target_class, s)}
+        run_hooks = hooks if s == s0 else {"baseline": None, **_hooks(steer, opts, s)}
         for name, hook in run_hooks.items():
             if name == "baseline" and s != s0:
                 continue
@@ -128,6 +128,13 @@ def attribution_examples(run: dict, attribute_by: str, n: int = 8) -> dict:
          for i, lab, s, p in zip(*(run[key][row] for key in ("top_k_indices", "top_k_labels", "top_k_scores",
                                                               "top_k_percentiles")))]
         for row in range(min(n, len(run["top_k_indices"])))]}
+
+
+def _hooks(steer: Steering, opts: AttributionOptions, strength: float) -> dict:
+    style = opts.hook_style
+    return {"include": steer.include(opts.include, strength, style),
+            "exclude": steer.exclude(opts.exclude, strength, style),
+            f"class_{opts.target_class}": steer.toward_class(opts.target_class, strength, style)}
 
 
 def _mean_sim(features: torch.Tensor, targets: torch.Tensor) -> float:

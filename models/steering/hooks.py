@@ -2,6 +2,21 @@
 
 Targets are bottleneck features ([C, H, W] or [K, C, H, W]) in the same space the decoder computes, e.g.
 rows of reference_features.pt. Hooks compose left to right with ``compose``.
+
+Class, include and exclude hooks come in styles (``HOOK_STYLES``), because a shared target erases variety:
+
+- ``mean``: every generation moves toward one point, the targets' mean (``h + s (mean - h)``); at strength s each
+  keeps only (1 - s) of what made it different.
+- ``nearest``: each generation moves toward the mean of its own k nearest targets (cosine), so generations that
+  differed go to different real digits; exclude moves toward its nearest reference features that are less like
+  the excluded images than it is, so it never leaves the reference set's neighbourhood.
+- ``shift``: every generation gets the same displacement, ``SHIFT_REACH`` times the targets' mean minus the
+  reference set's mean (added for class and include, subtracted for exclude), so differences between generations
+  are kept exactly.
+- ``shift_nearest``: the shift, then a pull toward the mean of the shifted point's own k nearest targets: the shift
+  carries each generation into the class keeping its differences, the pull brings it onto real digits there.
+  Include and exclude as in ``nearest`` (a few chosen images' direction is their class's: shifting by it makes
+  every generation that digit rather than like them).
 """
 from __future__ import annotations
 
@@ -13,6 +28,13 @@ import torch
 from ..io.errors import PipelineError
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
+
+HOOK_STYLES = ("mean", "nearest", "shift", "shift_nearest")
+DEFAULT_HOOK_STYLE = "shift_nearest"  # chosen by bench/bench_hook_variety.py (BENCHMARKS.md, Hooks)
+NEAREST_K = 8  # targets averaged per generation by the nearest style: a local mean, not one image copied
+SHIFT_REACH = 2.0  # class directions added at strength 1 (one direction reaches about half of a class: the bench)
+SHIFT_NEAREST_K = 2  # targets averaged after the shift: the shifted point already sits among its class
+SHIFT_NEAREST_PULL = 0.75  # share of the way to those targets at strength 1 (1 would drop the shift's variety)
 
 
 class HookError(PipelineError, ValueError):
@@ -94,6 +116,104 @@ def channel_scale_hook(channels: slice | Sequence[int], scale: float = 1.2) -> H
         out = h.clone()
         out[:, channels] = out[:, channels] * sc
         return out
+    return hook
+
+
+def _unit_rows(features: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(features.flatten(1).float(), dim=1)
+
+
+def _members(features: torch.Tensor, what: str) -> torch.Tensor:
+    if features.ndim != 4:
+        raise HookError(f"{what} must be [K,C,H,W] features, got shape {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise HookError("hook target set is empty")
+    return features.float()
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise HookError(f"nearest-style k must be a positive integer, got {k!r}")
+    return k
+
+
+def _checked_members(members: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if h.shape[1:] != members.shape[1:]:
+        raise HookError(f"hook target has shape {tuple(members.shape[1:])} but the bottleneck is "
+                        f"{tuple(h.shape[1:])}: features from another decoder?")
+    return members.to(h.device)
+
+
+def nearest_hook(members: torch.Tensor, strength: float = 0.5, k: int = NEAREST_K, name: str = "include") -> Hook:
+    """Moves each generation a fraction ``strength`` of the way toward the mean of its own ``k`` nearest members
+    (cosine): generations that differed get different targets, so variety survives the pull."""
+    s = _check_strength(name, strength, 0.0, 1.0)
+    members, k = _members(members, f"{name} targets"), _check_k(k)
+    unit = _unit_rows(members)
+
+    def hook(h: torch.Tensor) -> torch.Tensor:
+        m = _checked_members(members, h)
+        idx = (_unit_rows(h) @ unit.to(h.device).T).topk(min(k, len(m)), dim=1).indices
+        target = m[idx].mean(1).to(h.dtype)
+        return h + s * (target - h)
+    return hook
+
+
+def shift_hook(direction: torch.Tensor, strength: float = 0.5, name: str = "include", max_strength: float = 1.0
+               ) -> Hook:
+    """Adds ``strength * direction`` to every generation: the same displacement for all, so the differences
+    between generations are kept exactly."""
+    s = _check_strength(name, strength, 0.0, max_strength)
+    target = _checked(direction.float())
+    return lambda h: h + s * target(h)
+
+
+def shift_nearest_hook(members: torch.Tensor, direction: torch.Tensor, strength: float = 0.5,
+                       k: int = SHIFT_NEAREST_K, name: str = "include") -> Hook:
+    """Adds ``strength * SHIFT_REACH * direction``, then moves the result ``strength * SHIFT_NEAREST_PULL`` of the
+    way toward the mean of its own ``k`` nearest members (cosine)."""
+    s = _check_strength(name, strength, 0.0, 1.0)
+    members, k = _members(members, f"{name} targets"), _check_k(k)
+    shift = _checked(direction.float())
+    unit = _unit_rows(members)
+
+    def hook(h: torch.Tensor) -> torch.Tensor:
+        m = _checked_members(members, h)
+        q = h + (s * SHIFT_REACH) * shift(h)
+        idx = (_unit_rows(q) @ unit.to(h.device).T).topk(min(k, len(m)), dim=1).indices
+        return q + (s * SHIFT_NEAREST_PULL) * (m[idx].mean(1).to(h.dtype) - q)
+    return hook
+
+
+def class_direction(members: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The targets' mean minus the reference set's mean: what sets the targets apart from an average digit."""
+    return _members(members, "targets").mean(0) - _members(reference, "reference features").mean(0)
+
+
+def nearest_exclude_hook(excluded: torch.Tensor, candidates: torch.Tensor, strength: float = 0.5,
+                         k: int = NEAREST_K) -> Hook:
+    """Moves each generation toward the mean of its ``k`` nearest ``candidates`` (reference features, the excluded
+    ones left out) among those less similar (cosine) to the excluded images' mean than the generation is: away
+    from the excluded images, but only ever toward real digits. A generation with no such candidate is unchanged."""
+    s = _check_strength("exclude", strength, 0.0, 2.0)
+    excluded, k = _members(excluded, "exclude targets"), _check_k(k)
+    candidates = _members(candidates, "exclude candidates")
+    centre = torch.nn.functional.normalize(excluded.mean(0).flatten(), dim=0)
+    unit = _unit_rows(candidates)
+    likeness = unit @ centre
+
+    def hook(h: torch.Tensor) -> torch.Tensor:
+        c = _checked_members(candidates, h)
+        if excluded.shape[1:] != h.shape[1:]:
+            _checked_members(excluded, h)
+        hu = _unit_rows(h)
+        allowed = likeness.to(h.device)[None, :] < (hu @ centre.to(h.device))[:, None]
+        sims = (hu @ unit.to(h.device).T).masked_fill(~allowed, -math.inf)
+        top, idx = sims.topk(min(k, len(c)), dim=1)
+        weight = torch.isfinite(top).float()
+        target = (c[idx] * weight[:, :, None, None, None]).sum(1) / weight.sum(1).clamp(min=1)[:, None, None, None]
+        moved = h + s * (target.to(h.dtype) - h)
+        return torch.where(weight.sum(1)[:, None, None, None] > 0, moved, h)
     return hook
 
 

@@ -18,7 +18,9 @@ import torch
 
 from ..io.errors import PipelineError
 from ..nets.image_encoder import load_image_encoder
-from .hooks import class_hook, exclude_hook, include_hook, interpolate_hook
+from .hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, NEAREST_K, SHIFT_NEAREST_K, SHIFT_REACH, class_direction,
+                    class_hook, exclude_hook, include_hook, interpolate_hook, nearest_exclude_hook, nearest_hook,
+                    shift_hook, shift_nearest_hook)
 from .search import top_k_similar
 from .shape_match import SHAPE, ShapeMatch, cosine_calibration, percentile, reference_views, shape_top_k
 
@@ -32,6 +34,12 @@ def _check_indices(name: str, indices: list[int], n: int) -> torch.Tensor:
     if bad:
         raise PipelineError(f"--{name} indices {bad[:5]} are outside the reference set (0..{n - 1})")
     return torch.as_tensor(indices)
+
+
+def check_hook_style(style: str) -> str:
+    if style not in HOOK_STYLES:
+        raise PipelineError(f"--hook_style must be one of {', '.join(HOOK_STYLES)}, got {style!r}")
+    return style
 
 
 class Steering:
@@ -65,11 +73,39 @@ class Steering:
                                 "--attribution_rule bottleneck); re-extract them, or attribute by the bottleneck")
         return by
 
-    def include(self, indices, strength):
-        return include_hook(self.features[_check_indices("include", list(indices), len(self.labels))], strength)
+    def include(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None):
+        """Toward training images ``indices`` in ``style`` (hooks.HOOK_STYLES; shift_nearest includes as nearest)."""
+        return self._toward(self.features[_check_indices("include", list(indices), len(self.labels))], strength,
+                            style, "include", k)
 
-    def exclude(self, indices, strength):
-        return exclude_hook(self.features[_check_indices("exclude", list(indices), len(self.labels))], strength)
+    def exclude(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int = NEAREST_K):
+        """Away from training images ``indices`` in ``style``: the mean style mirrors include; nearest and
+        shift_nearest step toward the nearest other training images less like them; shift subtracts their
+        direction."""
+        rows = _check_indices("exclude", list(indices), len(self.labels))
+        targets = self.features[rows]
+        style = check_hook_style(style)
+        if style == "mean":
+            return exclude_hook(targets, strength)
+        if style == "shift":
+            return shift_hook(-SHIFT_REACH * class_direction(targets, self.features), strength, "exclude",
+                              max_strength=2.0)
+        keep = torch.ones(len(self.labels), dtype=torch.bool)
+        keep[rows] = False
+        return nearest_exclude_hook(targets, self.features[keep.to(self.features.device)], strength, k)
+
+    def _toward(self, targets: torch.Tensor, strength, style: str, name: str, k: int | None):
+        style = check_hook_style(style)
+        if style == "mean":
+            return (class_hook if name == "class" else include_hook)(targets, strength)
+        if style == "nearest" or (style == "shift_nearest" and name == "include"):
+            # a handful of chosen images has no direction worth shifting by: their mean minus the average digit is
+            # their class's direction, which makes every generation that digit instead of like those images
+            return nearest_hook(targets, strength, NEAREST_K if k is None else k, name)
+        direction = class_direction(targets, self.features)
+        if style == "shift":
+            return shift_hook(SHIFT_REACH * direction, strength, name)
+        return shift_nearest_hook(targets, direction, strength, SHIFT_NEAREST_K if k is None else k, name)
 
     def interpolate(self, a_indices, b_indices, alpha, strength):
         """Toward the point ``alpha`` of the way from the mean of training images a to the mean of images b."""
@@ -77,11 +113,13 @@ class Steering:
         return interpolate_hook(self.features[_check_indices("interpolate a", list(a_indices), n)],
                                 self.features[_check_indices("interpolate b", list(b_indices), n)], alpha, strength)
 
-    def toward_class(self, label: int, strength):
+    def toward_class(self, label: int, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None):
+        """Toward the reference features of class ``label`` in ``style`` (hooks.HOOK_STYLES)."""
         classes = sorted(int(c) for c in self.labels.unique())
         if label not in classes:
             raise PipelineError(f"--target_class {label} is not a label of the reference set ({classes})")
-        return class_hook(self.features[(self.labels == label).to(self.features.device)], strength)
+        return self._toward(self.features[(self.labels == label).to(self.features.device)], strength, style,
+                            "class", k)
 
     @torch.inference_mode()
     def generate(self, z: torch.Tensor, hook=None):

@@ -14,11 +14,13 @@ async function api(path, options = {}) {
 function requestBody() {
   const hooks = [];
   const label = $("class-label").value;
-  if (label !== "") hooks.push({ type: "class", label: Number(label), strength: Number($("class-strength").value) });
+  const style = $("hook-style").value;
+  if (label !== "") hooks.push({ type: "class", label: Number(label), strength: Number($("class-strength").value),
+                                 style });
   if (state.include.length) hooks.push({ type: "include", indices: state.include,
-                                         strength: Number($("include-strength").value) });
+                                         strength: Number($("include-strength").value), style });
   if (state.exclude.length) hooks.push({ type: "exclude", indices: state.exclude,
-                                         strength: Number($("exclude-strength").value) });
+                                         strength: Number($("exclude-strength").value), style });
   return { n: Number($("n").value), seed: Number($("seed").value), hooks, top_k: 5 };
 }
 
@@ -222,11 +224,13 @@ async function init() {
                           `${info.n_reference} training images (${info.dataset})`;
   for (const select of [$("class-label"), $("picker-label")])
     for (const c of info.classes) select.append(new Option(String(c), String(c)));
+  for (const style of info.hook_styles) $("hook-style").append(new Option(style, style));
+  $("hook-style").value = info.default_hook_style;
   for (const stage of info.stages) $("job-stage").append(new Option(stage, stage));
   $("job-stage").value = "generate";
   $("n").max = info.limits.n;
   ["class-strength", "include-strength", "exclude-strength"].forEach(bindSlider);
-  ["seed", "n", "class-label"].forEach((id) => $(id).addEventListener("input", schedule));
+  ["seed", "n", "class-label", "hook-style"].forEach((id) => $(id).addEventListener("input", schedule));
   $("picker-label").addEventListener("change", () => { state.pickerOffset = 0; loadPicker(); });
   $("picker-prev").addEventListener("click", () => { state.pickerOffset = Math.max(0, state.pickerOffset - 48); loadPicker(); });
   $("picker-next").addEventListener("click", () => { state.pickerOffset += 48; loadPicker(); });
