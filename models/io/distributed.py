@@ -198,7 +198,13 @@ _failed = False  # a failed run skips the teardown: with a peer gone, NCCL's cou
 
 
 def _stop() -> None:
+    """At exit: every rank waits for the others (rank 0 may still be writing), then leaves the group. *Why the
+    barrier:* a rank that exits first closes its connections, and gloo aborts a peer that is still using them."""
     if dist.is_initialized() and not _failed:
+        try:
+            dist.barrier()
+        except Exception:  # a peer is gone: nothing left to tear down cleanly
+            return
         dist.destroy_process_group()
 
 
