@@ -17,10 +17,9 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from models.data.datasets import load_dataset
-from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.evaluation.bench_common import load_pipeline, mean_similarity, pipeline_parser
 from models.evaluation.metrics import classifier_outputs, knn_precision_recall
 from models.io.errors import run_cli
 from models.io.images import save_image_grid
@@ -44,10 +43,6 @@ def concentration(picks: torch.Tensor, n_reference: int) -> dict:
     return {"distinct": int((counts > 0).sum()), "top1pct_share": top(0.01), "top10pct_share": top(0.10),
             "gini": gini.item(), "entropy_norm": (-(p * p.log()).sum() / torch.log(torch.tensor(n_reference))).item(),
             "max_count": int(ordered[0])}
-
-
-def mean_similarity(feats: torch.Tensor, targets: torch.Tensor) -> float:
-    return F.cosine_similarity(feats, targets.mean(0, keepdim=True), dim=1).mean().item()
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from models.data.datasets import load_dataset
-from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.evaluation.bench_common import load_pipeline, mean_similarity, pipeline_parser
 from models.evaluation.metrics import classifier_outputs, knn_precision_recall
 from models.io.errors import run_cli
 from models.io.paths import AUDIT_CLASSIFIER
@@ -78,10 +78,6 @@ def guidance_hook(decoder, classifier, digit: int, strength: float, steps: int =
 
 def spread(feats: torch.Tensor) -> float:
     return torch.cov(feats.double().T).trace().sqrt().item()
-
-
-def mean_similarity(feats: torch.Tensor, targets: torch.Tensor) -> float:
-    return F.cosine_similarity(feats, targets.mean(0, keepdim=True), dim=1).mean().item()
 
 
 @torch.inference_mode()

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Union
 
@@ -235,3 +236,21 @@ def kill_on_create(proc: subprocess.Popen, directory: Path, pattern: str, timeou
             proc.kill()
         returncode = proc.wait(timeout=60)
     return returncode
+
+
+@contextmanager
+def served_test_client(tiny_pipeline, workdir: Path):
+    """The server's app on the tiny pair, in process (FastAPI's TestClient): yields (client, pipeline)."""
+    from fastapi.testclient import TestClient
+
+    from models.server.app import create_app
+    from models.server.generation import GenerationService
+    from models.server.jobs import JobManager
+    from models.server.serving import ServeOptions, load_served_pipeline
+    opts = ServeOptions(teacher=str(tiny_pipeline.teacher), student=str(tiny_pipeline.student),
+                        features=str(tiny_pipeline.features), workdir=str(workdir), cpu=True)
+    pipe, info = load_served_pipeline(opts)
+    jobs = JobManager(workdir, {"teacher": str(tiny_pipeline.teacher), "student": str(tiny_pipeline.student),
+                                "features": str(tiny_pipeline.features)})
+    with TestClient(create_app(GenerationService(pipe), jobs, info)) as client:
+        yield client, pipe

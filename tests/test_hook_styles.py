@@ -11,15 +11,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from helpers import load_pt, one_error_line, run_main_in_process
+from helpers import load_pt, one_error_line, run_main_in_process, served_test_client
 from models.api import DirectDecoderPipeline
 from models.io.errors import PipelineError
-from models.server.app import create_app
-from models.server.generation import GenerationService, HookStyle
-from models.server.jobs import JobManager
-from models.server.serving import ServeOptions, load_served_pipeline
+from models.server.generation import HookStyle
 from models.stages.attribution import AttributionOptions, attribution_generation
 from models.steering.hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, SHIFT_REACH, class_hook, compose, exclude_hook,
                                    include_hook, nearest_exclude_hook, nearest_hook, shift_hook, shift_nearest_hook)
@@ -144,14 +140,8 @@ def test_stage_flag_applies_the_style_and_refuses_a_bad_one(tiny_pipeline, tmp_p
 
 @pytest.fixture(scope="module")
 def client(tiny_pipeline, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("styles_serve")
-    opts = ServeOptions(teacher=str(tiny_pipeline.teacher), student=str(tiny_pipeline.student),
-                        features=str(tiny_pipeline.features), workdir=str(workdir), cpu=True)
-    pipe, info = load_served_pipeline(opts)
-    jobs = JobManager(workdir, {"teacher": str(tiny_pipeline.teacher), "student": str(tiny_pipeline.student),
-                                "features": str(tiny_pipeline.features)})
-    with TestClient(create_app(GenerationService(pipe), jobs, info)) as test_client:
-        yield test_client, pipe
+    with served_test_client(tiny_pipeline, tmp_path_factory.mktemp("styles_serve")) as served:
+        yield served
 
 
 def test_server_json_takes_the_style(client):

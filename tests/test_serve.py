@@ -17,12 +17,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import start_server, stop_server
+from helpers import served_test_client, start_server, stop_server
 from models.api import DirectDecoderPipeline
 from models.server.app import MAX_BODY_BYTES, create_app
 from models.server.generation import GenerationService
 from models.server.jobs import JobManager
-from models.server.serving import ServeOptions, find_features, load_served_pipeline
+from models.server.serving import find_features
 from models.server.stages import NOT_PATH_OPTIONS, PATH_OPTIONS, STAGE_SCRIPTS, stage_options
 from models.steering.hooks import compose
 
@@ -32,12 +32,7 @@ TINY_GENERATE = {"n_samples": 24, "batch_size": 4, "steps": 3, "spacing": "leadi
 @pytest.fixture(scope="module")
 def server(tiny_pipeline, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("serve_work")
-    opts = ServeOptions(teacher=str(tiny_pipeline.teacher), student=str(tiny_pipeline.student),
-                        features=str(tiny_pipeline.features), workdir=str(workdir), cpu=True)
-    pipe, info = load_served_pipeline(opts)
-    jobs = JobManager(workdir, {"teacher": str(tiny_pipeline.teacher), "student": str(tiny_pipeline.student),
-                                "features": str(tiny_pipeline.features)})
-    with TestClient(create_app(GenerationService(pipe), jobs, info)) as client:
+    with served_test_client(tiny_pipeline, workdir) as (client, _):
         yield client, workdir, tiny_pipeline
 
 

@@ -2,6 +2,9 @@
 loading, and how they time CPU work. Their records go through models.io.records.append_run_record."""
 import time
 
+import torch
+import torch.nn.functional as F
+
 from ..api import DirectDecoderPipeline
 from ..io.cli import ArgumentParser, add_cpu_flag
 from ..io.device import pick_device
@@ -39,3 +42,8 @@ def cpu_seconds(fn, repeats: int = 1) -> float:
         fn()
         best = min(best, time.process_time() - start)
     return best
+
+
+def mean_similarity(feats: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean cosine (along dim 1) of ``feats`` to the mean of ``targets``: how like a target set generations are."""
+    return F.cosine_similarity(feats, targets.mean(0, keepdim=True), dim=1).mean().item()
