@@ -10,8 +10,10 @@ def build_parser() -> ArgumentParser:
     """The command line (also read by serve.py to check a job's options before it starts)."""
     p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="demo: minutes on a 2-core CPU, continuing the shipped student; demo_from_teacher: the same "
-                   "but distilling a new student from the teacher (about 15 min); full: the 60k-pair run for a GPU")
+                   help="demo: minutes on a 2-core CPU, continuing the shipped student; demo_from_teacher: a new "
+                   "student from the teacher alone, regression then the adversarial phase, on 2,000 pairs (under 20 "
+                   "min); overnight: the same recipe on 12,000 pairs (hours on a CPU); full: 60,000 pairs for a GPU "
+                   "(torchrun); a rerun continues where a stopped one ended; --dry-run prints the recipe")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher DDPM checkpoint")
     p.add_argument("--output_dir", default=None, help="where everything goes (default: the preset's name)")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="project MNIST classifier")

@@ -34,7 +34,17 @@ def build_parser() -> ArgumentParser:
                    help="weight of the adversarial hinge term from a spectrally normalised discriminator (0: off, "
                         "regression only); with it on, best_model.pt is chosen by val FD instead of val loss")
     p.add_argument("--adv_start_epoch", type=int, default=d.adv_start_epoch,
-                   help="epochs of regression alone before the adversarial term joins")
+                   help="with --adv_weight: epochs of regression alone (pixel + perceptual) before the adversarial "
+                        "phase, in which the adversarial and class terms join (0: every term from the first step, "
+                        "for a continued student; README 'Bring your own teacher' gives the recipe from a teacher)")
+    p.add_argument("--adv_lr", type=float, default=d.adv_lr,
+                   help="peak learning rate of the adversarial phase, which restarts its warm-up + cosine (default: "
+                        "--lr; used only with --adv_start_epoch > 0)")
+    p.add_argument("--adv_perceptual_weight", type=float, default=d.adv_perceptual_weight,
+                   help="the perceptual term's weight in the adversarial phase (default: --perceptual_weight)")
+    p.add_argument("--disc_warmup_steps", type=int, default=d.disc_warmup_steps,
+                   help="first steps of the adversarial phase in which the discriminator learns alone, before its "
+                        "gradient reaches the student")
     p.add_argument("--adv_real", choices=ADV_REAL, default=d.adv_real,
                    help="the discriminator's real images: --adv_dataset digits, the teacher's training images, or both")
     p.add_argument("--adv_dataset", default=d.adv_dataset,

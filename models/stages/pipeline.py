@@ -19,13 +19,14 @@ from ..io.errors import PipelineError
 from ..io.files import atomic_write_json, atomic_write_text, prepare_output_dir, sha256_file
 from ..io.paths import DEFAULT_CLASSIFIER, DEFAULT_STUDENT
 from ..io.records import software_versions
-from ..training.student import StudentTrainOptions, train_student
+from ..training.student import StudentTrainOptions, train_student, training_phases
 from .attribution import AttributionOptions, attribution_generation
 from .features import FeatureOptions, extract_reference_features
 from .generate import GenerateOptions, generate_training_data
 
 STAGES = ("generate", "train", "extract", "attribute")
 CLASS_PANEL_STRENGTH = 0.75  # the report's class panel: where the default hook style reaches its class (BENCHMARKS.md)
+RECIPE_KEYS = ("adv_start_epoch", "adv_lr", "adv_perceptual_weight", "disc_warmup_steps")  # preset keys passed as they are
 RULE_NAMES = {"shape": "digit shape", "bottleneck": "bottleneck features", "image": "image re-encoded",
               "pixel_nn_baseline": "pixel baseline"}
 PRESETS = {
@@ -38,17 +39,28 @@ PRESETS = {
              "gen_batch": 250, "gen_channels_last": True, "epochs": 3, "train_batch": 32, "lr": 1e-4,
              "val_fraction": 0.2, "perceptual_weight": 0.0, "class_weight": 0.05, "adv_weight": 2.0,
              "encoder_steps": 300, "encoder_pool_size": 2048, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
-    # The same, but distilling a new student from the teacher alone (about 15 min on a 2-core CPU). At about the
-    # same training time, 2,000 pairs in batches of 32 beat 1,000 in batches of 64 (class agreement 53% vs 44%);
-    # batch 16 adds 1 point for 40% more time (bench/bench_demo_student.py, BENCHMARKS.md).
-    "demo_from_teacher": {"n_pairs": 2000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 250,
-                          "gen_channels_last": True, "epochs": 12, "train_batch": 32, "lr": 1e-3,
-                          "perceptual_weight": 0.05, "encoder_steps": 300, "feature_batch": 500, "n_attr": 36,
+    # From the teacher alone, the recipe that made the shipped student in one run (README "Bring your own teacher"):
+    # regression with the perceptual term, then the adversarial phase (adversarial share 2.0 of the regression's
+    # gradient, class 0.05, no perceptual term) at a lower learning rate, after the discriminator's warm-up. Pairs
+    # from DDIM K = 25 leading, the sampler the shipped student learned. CPU minutes: 2,000 pairs.
+    "demo_from_teacher": {"n_pairs": 2000, "ddim_steps": 25, "ddim_spacing": "leading", "gen_batch": 250,
+                          "gen_channels_last": True, "epochs": 20, "adv_start_epoch": 6, "train_batch": 32,
+                          "lr": 1e-3, "adv_lr": 3e-4, "perceptual_weight": 0.05, "adv_perceptual_weight": 0.0,
+                          "adv_weight": 2.0, "class_weight": 0.05, "disc_warmup_steps": 50,
+                          "encoder_steps": 300, "encoder_pool_size": 2048, "feature_batch": 500, "n_attr": 36,
                           "n_eval": 256},
-    # The 60k-scale run for a GPU.
-    "full": {"n_pairs": 60000, "ddim_steps": DEFAULT_DDIM_STEPS, "gen_batch": 1000, "epochs": 50, "train_batch": 128,
-             "lr": 1e-4, "perceptual_weight": 0.05,
-             "encoder_steps": 3000, "feature_batch": 1000, "n_attr": 36, "n_eval": 1000},
+    # The same recipe at the scale a 2-core CPU runs overnight: 12,000 pairs (of seed 21, which no shipped model
+    # trained on), 10 epochs of regression and 40 adversarial ones.
+    "overnight": {"n_pairs": 12000, "pairs_seed": 21, "ddim_steps": 25, "ddim_spacing": "leading", "gen_batch": 100,
+                  "gen_channels_last": True, "epochs": 50, "adv_start_epoch": 10, "train_batch": 64, "lr": 1e-3,
+                  "adv_lr": 1e-4, "perceptual_weight": 0.05, "adv_perceptual_weight": 0.0, "adv_weight": 2.0,
+                  "class_weight": 0.05, "disc_warmup_steps": 200, "encoder_steps": 1500, "feature_batch": 500,
+                  "n_attr": 36, "n_eval": 500},
+    # The production run for a GPU (runs under torchrun): 60,000 pairs.
+    "full": {"n_pairs": 60000, "ddim_steps": 25, "ddim_spacing": "leading", "gen_batch": 1000, "epochs": 30,
+             "adv_start_epoch": 10, "train_batch": 64, "lr": 1e-3, "adv_lr": 1e-4, "perceptual_weight": 0.05,
+             "adv_perceptual_weight": 0.0, "adv_weight": 2.0, "class_weight": 0.05, "disc_warmup_steps": 500,
+             "val_fraction": 0.02, "encoder_steps": 3000, "feature_batch": 1000, "n_attr": 36, "n_eval": 1000},
 }
 
 
@@ -57,7 +69,7 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     p = PRESETS[preset]
     out = Path(output_dir)
     sampler = _init_from_sampler(p["init_from"], teacher, preset) if p.get("init_from") else \
-        SamplerConfig(steps=p["ddim_steps"])
+        SamplerConfig(steps=p["ddim_steps"], spacing=p.get("ddim_spacing"))
     gen = GenerateOptions(ckpt=teacher, n_samples=p["n_pairs"], batch_size=p["gen_batch"], seed=p.get("pairs_seed", 0),
                           output_dir=str(out / "data"), sampler=sampler.name, steps=sampler.steps,
                           spacing=sampler.spacing, eta=sampler.eta, clip_x0=sampler.clip_x0,
@@ -66,6 +78,7 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
                                 output_dir=str(out / "student"), epochs=p["epochs"], batch_size=p["train_batch"],
                                 lr=p["lr"], perceptual_weight=p["perceptual_weight"], classifier=classifier,
                                 class_weight=p.get("class_weight", 0.0), adv_weight=p.get("adv_weight", 0.0),
+                                **{k: p[k] for k in RECIPE_KEYS if k in p},
                                 val_fraction=p.get("val_fraction", 0.1), init_from=p.get("init_from", ""), cpu=cpu)
     feats = preset_feature_options(p, teacher, str(out / "student" / "best_model.pt"), str(out / "reference_features.pt"),
                                    cpu)
@@ -80,7 +93,8 @@ def run_pipeline(preset: str, output_dir: str, teacher: str, cpu: bool = False, 
     ranks, _ = start_ranks(pick_device(cpu))
     say = print if ranks.is_main else (lambda *args: None)
     if dry_run:
-        plan = {"preset": preset, "settings": p, "teacher": teacher, "teacher_sampler": sampler.to_dict(), "output_dir": str(out),
+        plan = {"preset": preset, "settings": p, "teacher": teacher, "teacher_sampler": sampler.to_dict(),
+                "recipe": [phase.to_dict() for phase in training_phases(train)], "output_dir": str(out),
                 "stages": [s[0] for s in stages]}
         say(json.dumps(plan, indent=2))
         return plan
@@ -136,8 +150,11 @@ def _load_json(path: Path) -> dict:
 
 def _student_origin(settings: dict) -> list[str]:
     if not settings.get("init_from"):
-        return ["", f"The student was distilled from the teacher here: {settings['epochs']} epochs on these "
-                    f"{settings['n_pairs']} pairs."]
+        start = settings.get("adv_start_epoch", 0)
+        recipe = (f"{start} epochs of regression, then {settings['epochs'] - start} with the adversarial term"
+                  if settings.get("adv_weight") and start else f"{settings['epochs']} epochs")
+        return ["", f"The student was distilled from the teacher here: {recipe}, on these {settings['n_pairs']} "
+                    "pairs."]
     return ["", f"The student continues `{settings['init_from']}` (distilled earlier from this teacher) for "
                 f"{settings['epochs']} epochs on these {settings['n_pairs']} pairs, of seed {settings['pairs_seed']}, "
                 f"which it had never seen: its validation pairs are held out. `--preset demo_from_teacher` distils "

@@ -53,7 +53,10 @@ class StudentTrainOptions:
     classifier: str = DEFAULT_CLASSIFIER
     class_weight: float = 0.0   # cross-entropy of the classifier on the student's image against the teacher image's class
     adv_weight: float = 0.0     # weight of the adversarial (hinge) term; 0: regression only
-    adv_start_epoch: int = 0    # epochs of regression alone before the adversarial term joins
+    adv_start_epoch: int = 0    # epochs of regression alone (phase 1) before the adversarial phase (see training_phases)
+    adv_lr: float | None = None  # the adversarial phase's peak lr (its own warm-up + cosine); None: --lr
+    adv_perceptual_weight: float | None = None  # the perceptual weight in the adversarial phase; None: --perceptual_weight
+    disc_warmup_steps: int = 0  # first steps of the adversarial phase in which only the discriminator learns
     adv_real: str = "dataset"   # what the discriminator sees as real: dataset digits, teacher images, or both
     adv_dataset: str = "mnist5k"
     disc_width: int = 64
@@ -109,11 +112,19 @@ def _validate(opts: StudentTrainOptions) -> None:
             raise PipelineError(f"--{name} must be finite and >= 0, got {getattr(opts, name)}")
     if opts.adv_real not in ADV_REAL:
         raise PipelineError(f"--adv_real must be one of {ADV_REAL}, got {opts.adv_real!r}")
-    if opts.adv_start_epoch < 0 or opts.disc_width <= 0 or opts.disc_shift < 0:
-        raise PipelineError("--adv_start_epoch and --disc_shift must be >= 0 and --disc_width positive")
+    if opts.adv_start_epoch < 0 or opts.disc_width <= 0 or opts.disc_shift < 0 or opts.disc_warmup_steps < 0:
+        raise PipelineError("--adv_start_epoch, --disc_shift and --disc_warmup_steps must be >= 0 and --disc_width "
+                            "positive")
+    if opts.adv_weight > 0 and opts.adv_start_epoch >= opts.epochs:
+        raise PipelineError(f"--adv_start_epoch {opts.adv_start_epoch} leaves no adversarial epoch in --epochs "
+                            f"{opts.epochs}; start it earlier, or drop --adv_weight")
+    if opts.adv_lr is not None and not (opts.adv_lr > 0 and math.isfinite(opts.adv_lr)):
+        raise PipelineError(f"--adv_lr must be a positive number, got {opts.adv_lr}")
+    if opts.adv_perceptual_weight is not None and not (0 <= opts.adv_perceptual_weight < math.inf):
+        raise PipelineError(f"--adv_perceptual_weight must be finite and >= 0, got {opts.adv_perceptual_weight}")
     if not (opts.disc_lr > 0 and math.isfinite(opts.disc_lr)):
         raise PipelineError(f"--disc_lr must be a positive number, got {opts.disc_lr}")
-    if (opts.perceptual_weight > 0 or opts.class_weight > 0) and _is_audit_classifier(opts.classifier):
+    if _uses_classifier(opts) and _is_audit_classifier(opts.classifier):
         raise PipelineError(f"--classifier {opts.classifier} is the audit classifier, which only scores students (a "
                             f"loss in its space would make its numbers meaningless); pass {DEFAULT_CLASSIFIER}")
     if not (0 < opts.val_fraction < 1):
@@ -209,40 +220,101 @@ def _epochs_so_far(ckpt: dict) -> int:
     return int(ckpt.get("epoch", 0)) + int(earlier.get("epochs_before", 0))
 
 
+@dataclass(frozen=True)
+class TrainingPhase:
+    """A stretch of epochs with one set of losses and its own learning-rate schedule (warm-up + cosine)."""
+    name: str
+    first_epoch: int
+    last_epoch: int            # exclusive
+    lr: float
+    perceptual_weight: float
+    class_weight: float
+    adv_weight: float
+    disc_warmup_steps: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def training_phases(opts: StudentTrainOptions) -> list[TrainingPhase]:
+    """The recipe a run follows, recorded in its checkpoints and printed by --dry-run.
+
+    Without the adversarial term: one regression phase (pixel + perceptual + class terms). With it and
+    --adv_start_epoch 0: one adversarial phase with every term from the first step (a continued student). With
+    --adv_start_epoch E > 0, the recipe from a teacher: regression for E epochs (the perceptual term pulls a blurred
+    student toward the teacher's shapes), then the adversarial and class terms join, the perceptual weight becomes
+    --adv_perceptual_weight (measured: with it on, the regression's pull toward the average outweighs the adversarial
+    term's sharpening) and the learning rate restarts its warm-up at --adv_lr, while a fresh discriminator first
+    learns alone for --disc_warmup_steps steps."""
+    if opts.adv_weight == 0:
+        return [TrainingPhase("regression", 0, opts.epochs, opts.lr, opts.perceptual_weight, opts.class_weight, 0.0)]
+    adversarial = TrainingPhase(
+        "adversarial", opts.adv_start_epoch, opts.epochs,
+        opts.lr if opts.adv_lr is None or opts.adv_start_epoch == 0 else opts.adv_lr,
+        opts.perceptual_weight if opts.adv_perceptual_weight is None else opts.adv_perceptual_weight,
+        opts.class_weight, opts.adv_weight, opts.disc_warmup_steps)
+    if opts.adv_start_epoch == 0:
+        return [adversarial]
+    return [TrainingPhase("regression", 0, opts.adv_start_epoch, opts.lr, opts.perceptual_weight, 0.0, 0.0),
+            adversarial]
+
+
+def phase_of(phases: list[TrainingPhase], epoch: int) -> TrainingPhase:
+    return next(p for p in phases if p.first_epoch <= epoch < p.last_epoch)
+
+
+def phased_lr_factor(phases: list[TrainingPhase], steps_per_epoch: int, base_lr: float):
+    """LambdaLR factor: each phase its own warm-up + cosine from its own peak, as a multiple of the optimizer's lr.
+    A function of the global step alone, so --resume lands on the same rate across a phase boundary."""
+    schedules = [(p.first_epoch * steps_per_epoch, p.lr / base_lr,
+                  warmup_cosine((p.last_epoch - p.first_epoch) * steps_per_epoch)) for p in phases]
+
+    def factor(step: int) -> float:
+        start, scale, schedule = next(s for s in reversed(schedules) if step >= s[0])
+        return scale * schedule(step - start)
+    return factor
+
+
+def _uses_classifier(opts: StudentTrainOptions) -> bool:
+    return any(p.perceptual_weight > 0 or p.class_weight > 0 for p in training_phases(opts))
+
+
 class DistillationLoss:
     """Pixel loss (MSE or Huber), plus optional terms in the project classifier's space: a perceptual one (feature
     match to the teacher image) and a class one (the teacher image's class as the target), the latter because a
-    student can be close in pixels and still draw another digit. Returns the total and its parts."""
+    student can be close in pixels and still draw another digit. Their weights come from the current phase.
+    Returns the total and its parts."""
 
     def __init__(self, opts: StudentTrainOptions, device):
         self.opts = opts
         self.classifier = None
-        if opts.perceptual_weight > 0 or opts.class_weight > 0:
+        self.wants_classes = any(p.class_weight > 0 for p in training_phases(opts))
+        if _uses_classifier(opts):
             from ..nets.classifier import load_classifier
             self.classifier = load_classifier(opts.classifier, device)
 
     @torch.no_grad()
     def teacher_classes(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor | None:
-        if self.classifier is None or self.opts.class_weight == 0:
+        if self.classifier is None or not self.wants_classes:
             return None
         return torch.cat([self.classifier(images[s:s + batch_size]).argmax(1)
                           for s in range(0, images.shape[0], batch_size)])
 
-    def __call__(self, pred, target, target_class=None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, pred, target, phase: TrainingPhase, target_class=None) -> tuple[torch.Tensor, dict]:
         if self.opts.loss == "mse":
             loss = F.mse_loss(pred, target)
         else:
             loss = F.huber_loss(pred, target, delta=self.opts.huber_delta)
         parts = {"pixel": loss.item()}
-        if self.classifier is not None:
+        if phase.perceptual_weight > 0 or (phase.class_weight > 0 and target_class is not None):
             feats = self.classifier.features(pred)
-            if self.opts.perceptual_weight > 0:
+            if phase.perceptual_weight > 0:
                 perceptual = F.mse_loss(feats, self.classifier.features(target))
-                loss = loss + self.opts.perceptual_weight * perceptual
+                loss = loss + phase.perceptual_weight * perceptual
                 parts["perceptual"] = perceptual.item()
-            if target_class is not None:
+            if phase.class_weight > 0 and target_class is not None:
                 class_loss = F.cross_entropy(self.classifier.head(feats), target_class)
-                loss = loss + self.opts.class_weight * class_loss
+                loss = loss + phase.class_weight * class_loss
                 parts["class"] = class_loss.item()
         return loss, parts
 
@@ -319,7 +391,8 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
                                  f"of {_smallest_step(len(train_idx), opts.batch_size)} pairs, fewer than the "
                                  f"{ranks.world} ranks; choose a --batch_size whose steps all hold at least "
                                  f"{ranks.world} pairs"))
-    resolved = {"options": asdict(opts), "n_pairs": n, "n_train": len(train_idx), "n_val": len(val_idx),
+    phases = training_phases(opts)
+    resolved = {"options": asdict(opts), "phases": [p.to_dict() for p in phases], "n_pairs": n, "n_train": len(train_idx), "n_val": len(val_idx),
                 "steps_per_epoch": per_epoch, "total_steps": total, "device": str(device),
                 "teacher": {"path": teacher.path, "sha256": teacher.sha256, "weights": teacher.weights},
                 "training_data": {"path": str(data_path), "sha256": sha256_file(data_path) if data_path.is_file()
@@ -354,7 +427,7 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
     if init is not None:
         _load_init_weights(student, ema, init, resolved["init_from"]["global_context"] == "added")
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, phased_lr_factor(phases, per_epoch, opts.lr))
     loss_fn = DistillationLoss(opts, device)
     teacher_class = loss_fn.teacher_classes(images)
     selected_by = "val_loss" if opts.adv_weight == 0 else "val_fd"
@@ -380,6 +453,9 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
                 raise PipelineError(f"{Path(latest).name} was written without the adversarial term; resume it "
                                     "without --adv_weight, or start a new --output_dir")
             adversarial.load_state_dict(ckpt["discriminator"])
+        if ckpt["config"].get("phases", resolved["phases"]) != resolved["phases"]:
+            raise PipelineError(f"--resume with another recipe than {Path(latest).name} "
+                                f"({json.dumps(ckpt['config']['phases'])}); use the original command")
         return int(ckpt["epoch"]), float(ckpt.get("best_score", ckpt.get("best_val_loss")))
 
     if latest is not None:
@@ -411,7 +487,10 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
         part_sums: dict[str, float] = {}
         # augmentation and real-batch draws of this epoch, replayed identically by --resume
         adv_gen = torch.Generator().manual_seed(opts.seed * 104729 + epoch)
-        use_adv = adversarial is not None and epoch >= opts.adv_start_epoch
+        phase = phase_of(phases, epoch)
+        if epoch == phase.first_epoch and epoch > 0:
+            say(f"epoch {epoch + 1}: {phase.name} phase ({json.dumps(phase.to_dict())})")
+        use_adv = adversarial is not None and phase.adv_weight > 0
         bar = progress_bar(range(per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="step", dynamic_ncols=True,
                    leave=False, disable=not ranks.is_main)
         for s in bar:
@@ -423,13 +502,15 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
                 combine = functools.partial(ranks.weighted_mean_, weight=share)
             with autocast_for(device, opts.precision):
                 pred = model(noise[idx]).float()
-                loss, parts = loss_fn(pred, images[idx], None if teacher_class is None else teacher_class[idx])
+                loss, parts = loss_fn(pred, images[idx], phase, None if teacher_class is None else teacher_class[idx])
+                phase_step = (epoch - phase.first_epoch) * per_epoch + s
                 if use_adv:
                     parts["disc"] = adversarial.discriminator_step(pred, adv_gen, rows, combine)
+                if use_adv and phase_step >= phase.disc_warmup_steps:
                     adv_loss = adversarial.generator_loss(pred, adv_gen, rows)
                     scale = adaptive_adv_scale(loss, adv_loss, student.unet.final_conv.weight, combine) \
                         if opts.adv_adaptive else 1.0
-                    loss = loss + opts.adv_weight * scale * adv_loss
+                    loss = loss + phase.adv_weight * scale * adv_loss
                     parts["adv"], parts["adv_scale"] = adv_loss.item(), float(scale)
             stopped = (f"stopped in epoch {epoch + 1}. The last good checkpoint is kept in {out}; lower --lr (or "
                        "--disc_lr / --adv_weight) and --resume, or start again")
@@ -467,7 +548,7 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
                                   f"in {out}; lower --lr and --resume, or start again")
             epoch_no = epoch + 1
             fd = None if val_fd is None else val_fd(ema.module, noise[val_idx])
-            record = {"epoch": epoch_no, "train_loss": running / seen, "val_loss": val_loss,
+            record = {"epoch": epoch_no, "phase": phase.name, "train_loss": running / seen, "val_loss": val_loss,
                       **({} if fd is None else {"val_fd": fd}),
                       **{f"train_{k}": v / seen for k, v in part_sums.items()},
                       "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}
