@@ -4,7 +4,9 @@
 - per layer and strength, a class hook toward a digit and an include hook toward 10 training images of that digit
   (by default the 10 with the thickest strokes, so a change of style shows): the share of generations the audit
   classifier gives the digit, the similarity (cosine of audit features) to the target set's mean (all training
-  images of the digit for the class hook, the 10 for include; beside it, to all the digit's images), k-NN precision
+  images of the digit for the class hook, the 10 for include; beside it, to all the digit's images, and for the
+  include targets the style similarity: the cosine of a generation's feature minus the digit's mean feature with
+  the targets' mean minus the digit's mean, i.e. like those 10 rather than like any image of the digit), k-NN precision
   (k = 3) against all real digits (do the images stay digits?), and two style measures from the images' moments:
   stroke thickness (2 x ink area / ink boundary length, in pixels) and slant (-mu11 / mu02: x shift per pixel of
   height, > 0 leaning right); beside them the unhooked generations and the targets' own values;
@@ -63,11 +65,16 @@ class Judge:
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
         feats, logits = classifier_outputs(self.audit, images)
-        return {"share": (logits.argmax(1) == self.digit).float().mean().item(),
-                "similarity": mean_similarity(feats, targets),
-                "similarity_to_class": mean_similarity(feats, self.class_feats),
-                "precision": knn_precision_recall(self.real_feats, feats)[0],
-                "thickness": stroke_thickness(images).mean().item(), "slant": slant(images).mean().item()}
+        verdict = {"share": (logits.argmax(1) == self.digit).float().mean().item(),
+                   "similarity": mean_similarity(feats, targets),
+                   "similarity_to_class": mean_similarity(feats, self.class_feats),
+                   "precision": knn_precision_recall(self.real_feats, feats)[0],
+                   "thickness": stroke_thickness(images).mean().item(), "slant": slant(images).mean().item()}
+        if targets is not self.class_feats:  # what sets the targets apart from their class: are generations so?
+            centre = self.class_feats.mean(0)
+            verdict["style_similarity"] = F.cosine_similarity(feats - centre, (targets.mean(0) - centre)[None],
+                                                              dim=1).mean().item()
+        return verdict
 
 
 def cost_of_layers(decoder, features: torch.Tensor) -> dict:
@@ -185,7 +192,8 @@ def _interleave(columns: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _row(v: dict) -> str:
-    return (f"share {v['share']:6.1%}  sim {v['similarity']:.3f} (class {v['similarity_to_class']:.3f})  "
+    style = f"  style sim {v['style_similarity']:+.3f}" if "style_similarity" in v else ""
+    return (f"share {v['share']:6.1%}  sim {v['similarity']:.3f} (class {v['similarity_to_class']:.3f}){style}  "
             f"P {v['precision']:.2f}  thick {v['thickness']:.2f}  slant {v['slant']:+.3f}")
 
 
@@ -197,7 +205,8 @@ def print_tables(r: dict) -> None:
         for layer, table in r["layers"].items():
             for s, v in table[kind].items():
                 print(f"  {layer:10s} {s:4}  {_row(v)}")
-    print(f"composed: class {r['digit']} at the bottleneck {r['class_strength']} alone: {_row(r['composed_class_only'])}")
+    print(f"composed: class {r['digit']} at the bottleneck {r['class_strength']} alone: "
+          f"{_row(r['composed_class_only'])}")
     for layer, table in r["composed"].items():
         for s, v in table.items():
             print(f"  + include at {layer:10s} {s:4}  {_row(v)}")

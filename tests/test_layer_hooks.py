@@ -280,3 +280,18 @@ def test_server_json_takes_the_layer(client):
 def test_server_refuses_a_bad_layer_with_a_422(client, layer, message):
     r = client[0].post("/v1/generate", json={"n": 2, "hooks": [{"type": "class", "label": 0, "layer": layer}]})
     assert r.status_code == 422 and r.json()["detail"] == message, r.text
+
+
+def test_readme_layer_example_runs(pipe, repo_root):
+    """README.md's Layer hooks example, on the tiny pair (its reference set holds zeros only: class 0, rows 1-10)."""
+    import re
+    text = (repo_root / "README.md").read_text()
+    block = re.search(r"### Layer hooks.*?```python\n(.*?)```", text, re.S).group(1)
+    assert "toward_class(3, 0.75)" in block and 'layer="up2"' in block
+    block = re.sub(r"thick_threes = \[[\d, ]+\]", "thick_threes = list(range(1, 11))", block)
+    scope = {"pipe": pipe, "compose": compose}
+    exec(compile(block.replace("toward_class(3, 0.75)", "toward_class(0, 0.75)"), "README.md", "exec"), scope)
+    class_only = pipe.generate(8, seed=0, hook=pipe.toward_class(0, 0.75), top_k=0)
+    assert scope["out"].images.shape == (8, 1, 28, 28)
+    assert torch.equal(scope["out"].features, class_only.features)  # the include acts after the bottleneck
+    assert (scope["out"].images - class_only.images).abs().max() > 1e-3

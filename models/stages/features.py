@@ -9,6 +9,9 @@ as it generates. Two ways to get there, each measured on the student's own gener
   models/training/image_encoder.py); one pass per image.
 - ``ddim_inversion``: the image's latent by DDIM inversion with the teacher, ending at the timestep where the
   student's noise lives, and the student's bottleneck read there.
+
+Only the bottleneck is stored; ``metadata["hook_layers"]`` names the layers the file serves hooks at, the finer ones
+derived from it at first use (models/steering/layer_features.py), and ``check_feature_layer`` refuses the others.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from ..io.paths import DEFAULT_CLASSIFIER
 from ..nets.classifier import load_classifier
 from ..nets.student import load_teacher_and_student
 from ..steering.hooks import (BOTTLENECK, DEFAULT_HOOK_STYLE, HOOK_STYLES, SHIFT_REACH, at_layer,
-                              channel_scale_hook, exclude_hook, include_hook, interpolate_hook, multi_include_hook, nearest_hook, shift_hook,
-                              shift_nearest_hook)
+                              channel_scale_hook, exclude_hook, include_hook, interpolate_hook, multi_include_hook,
+                              nearest_hook, shift_hook, shift_nearest_hook)
 
 PROBE_SAMPLES = 256  # generations weighted by the classifier to estimate a class mean without reference features
 NEAREST_PROBES = 8  # the nearest style's stand-in class when the classifier calls no probe the target class

@@ -1,5 +1,6 @@
 """Steering by training image or class: hooks built from reference features by training-set index, at the
-bottleneck or a finer decoder layer (``layer``: models/nets/layers.py), and the attribution of what was generated to its nearest training images.
+bottleneck or a finer decoder layer (``layer``: models/nets/layers.py), and the attribution of what was generated to
+its nearest training images.
 
 Attribution here is *similarity* in the student's bottleneck space: which training images sit closest to the
 features that produced a generation. It is not causal influence (what would change had an image been left out).
