@@ -27,6 +27,10 @@ def build_parser() -> ArgumentParser:
                    help="how the class, include and exclude hooks move each generation: toward the mean of the "
                         "targets (mean: generations become alike), toward each one's own nearest targets (nearest), "
                         "or all by the targets' direction from the average digit (shift)")
+    p.add_argument("--hook_layer", default=d.hook_layer,
+                   help="where the class, include and exclude hooks act: bottleneck (7x7: class and shape), or a finer "
+                        "decoder layer, up1 (14x14) or up2 (28x28: stroke detail); reference features there are "
+                        "derived from the stored bottleneck ones at first use")
     p.add_argument("--top_k", type=int, default=d.top_k, help="training images reported per generation")
     p.add_argument("--attribute_by", choices=["auto", *ATTRIBUTE_BY], default=d.attribute_by,
                    help="place each generation among the training images by its digit shape (shape: pixels compared "

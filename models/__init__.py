@@ -6,7 +6,7 @@ draws to training images. The public API is re-exported here; the design, one fi
     nets/        the networks: UNet, teacher, student, classifier, image encoder, discriminator
     diffusion/   noise schedule, samplers, SamplerConfig, per-sample noise
     training/    the training loops (teacher, student, adversarial term, image encoder)
-    steering/    bottleneck hooks, nearest-training-image search, Steering
+    steering/    hooks (bottleneck and finer layers), nearest-training-image search, Steering
     stages/      one module per pipeline stage (the top-level scripts' work)
     evaluation/  metrics, evaluations, figures, the benches' shared setup
     server/      serve.py's HTTP API, jobs and steering page
@@ -19,11 +19,11 @@ from .diffusion.noise import per_sample_noise
 from .diffusion.sampling import SamplerConfig
 from .io.errors import PipelineError
 from .nets.student import load_teacher_and_student
-from .steering.hooks import (Hook, channel_scale_hook, class_hook, compose, exclude_hook, include_hook,
+from .steering.hooks import (Hook, at_layer, channel_scale_hook, class_hook, compose, exclude_hook, include_hook,
                              interpolate_hook, multi_include_hook)
 
 __all__ = [
-    "DirectDecoderPipeline", "Hook", "PipelineError", "SamplerConfig", "channel_scale_hook", "class_hook", "compose",
-    "exclude_hook", "include_hook", "interpolate_hook", "load_teacher_and_student", "multi_include_hook",
+    "DirectDecoderPipeline", "Hook", "PipelineError", "SamplerConfig", "at_layer", "channel_scale_hook", "class_hook",
+    "compose", "exclude_hook", "include_hook", "interpolate_hook", "load_teacher_and_student", "multi_include_hook",
     "per_sample_noise",
 ]

@@ -3,7 +3,7 @@ flags), generate with any hook, and get attributions back as tensors.
 
     from models.api import DirectDecoderPipeline
     pipe = DirectDecoderPipeline.load("teacher.pt", "best_model.pt", "reference_features.pt")
-    out = pipe.generate(16, hook=pipe.toward_class(3, 0.8))
+    out = pipe.generate(16, hook=pipe.toward_class(3, 0.8))               # or layer="up1": the 14x14 layer
     out.images, out.top_k_indices, out.top_k_labels, out.top_k_percentiles
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .io.errors import PipelineError
 from .io.guards import require_finite
 from .nets.student import load_teacher_and_student
 from .stages.features import check_feature_pairing, load_reference_features
-from .steering.hooks import DEFAULT_HOOK_STYLE, Hook
+from .steering.hooks import BOTTLENECK, DEFAULT_HOOK_STYLE, Hook
 from .steering.steering import Steering
 
 
@@ -28,7 +28,7 @@ from .steering.steering import Steering
 class Generation:
     noise: torch.Tensor           # [N, 1, 28, 28]
     images: torch.Tensor          # [N, 1, 28, 28] in [-1, 1]
-    features: torch.Tensor        # bottleneck after the hook, [N, C, 7, 7]
+    features: torch.Tensor        # bottleneck after the hook's bottleneck part, [N, C, 7, 7]
     top_k_scores: Optional[torch.Tensor] = None
     top_k_indices: Optional[torch.Tensor] = None
     top_k_labels: Optional[torch.Tensor] = None
@@ -60,18 +60,27 @@ class DirectDecoderPipeline:
             raise PipelineError("this needs reference features: DirectDecoderPipeline.load(..., features_path=...)")
         return self.steering
 
-    def include(self, indices, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE) -> Hook:
-        """Toward training images ``indices``; ``style``: one of models.steering.hooks.HOOK_STYLES."""
-        return self._need_reference().include(indices, strength, style)
+    @property
+    def hook_layers(self) -> tuple[str, ...]:
+        """Where hooks may act, in decoder order: "bottleneck" (7x7 on the shipped pair), then the decoder's finer
+        layers "up1" (14x14), "up2" (28x28) where the reference features serve them."""
+        return self._need_reference().hook_layers
 
-    def exclude(self, indices, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE) -> Hook:
-        return self._need_reference().exclude(indices, strength, style)
+    def include(self, indices, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE, layer: str = BOTTLENECK) -> Hook:
+        """Toward training images ``indices``; ``style``: one of models.steering.hooks.HOOK_STYLES; ``layer``: one
+        of ``hook_layers``."""
+        return self._need_reference().include(indices, strength, style, layer=layer)
 
-    def interpolate(self, a_indices, b_indices, alpha: float = 0.5, strength: float = 0.5) -> Hook:
-        return self._need_reference().interpolate(a_indices, b_indices, alpha, strength)
+    def exclude(self, indices, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE, layer: str = BOTTLENECK) -> Hook:
+        return self._need_reference().exclude(indices, strength, style, layer=layer)
 
-    def toward_class(self, label: int, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE) -> Hook:
-        return self._need_reference().toward_class(label, strength, style)
+    def interpolate(self, a_indices, b_indices, alpha: float = 0.5, strength: float = 0.5,
+                    layer: str = BOTTLENECK) -> Hook:
+        return self._need_reference().interpolate(a_indices, b_indices, alpha, strength, layer=layer)
+
+    def toward_class(self, label: int, strength: float = 0.5, style: str = DEFAULT_HOOK_STYLE,
+                     layer: str = BOTTLENECK) -> Hook:
+        return self._need_reference().toward_class(label, strength, style, layer=layer)
 
     def noise(self, n: int, seed: int = 0) -> torch.Tensor:
         return per_sample_noise(seed, range(n), device=self.device)

@@ -395,6 +395,8 @@ BENCH_MISSING_INPUT = {
     "bench_encoder_cost.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT"],
     "bench_features.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_generate.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
+    "bench_layer_hooks.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--ref_features_path", "MISSING",
+                             "--record", "OUT", "--figures_dir", "OUT", "--cpu"],
     "bench_hook_variety.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--ref_features_path", "MISSING",
                               "--record", "OUT", "--cpu"],
     "bench_serve.py": ["--teacher", "MISSING", "--student", "MISSING", "--record", "OUT", "--cpu"],

@@ -1,6 +1,6 @@
 """The steering page in a real headless Chromium (Debian's `chromium`, driven by Playwright's Python package; no
-browser download): it loads, the class slider changes the images, a click fills the attribution panel, and nothing
-is fetched from outside the server."""
+browser download): it loads, the class slider changes the images, the hook style and layer selectors reach the
+request, a click fills the attribution panel, and nothing is fetched from outside the server."""
 from __future__ import annotations
 
 import re
@@ -52,6 +52,17 @@ def test_page_steers_and_attributes_in_a_real_browser(chromium, tiny_pipeline, t
             with page.expect_request(lambda r: r.url.endswith("/v1/generate") and '"style":"mean"' in
                                      (r.post_data or "")):
                 page.select_option("#hook-style", "mean")
+            for select in ("#class-layer", "#picks-layer"):
+                layers = page.locator(f"{select} option").evaluate_all("options => options.map(o => o.value)")
+                assert layers == ["bottleneck", "up1", "up2"] and page.locator(select).input_value() == "bottleneck"
+            assert page.locator("#class-layer option").all_inner_texts() == ["bottleneck (7x7)", "up1 (14x14)",
+                                                                             "up2 (28x28)"]
+            shown = page.locator("#grid img").evaluate_all("imgs => imgs.map(i => i.src)")
+            with page.expect_request(lambda r: r.url.endswith("/v1/generate") and '"layer":"up1"' in
+                                     (r.post_data or "")):
+                page.select_option("#class-layer", "up1")
+            page.wait_for_function("before => [...document.querySelectorAll('#grid img')].some((img, i) => "
+                                   "img.src !== before[i])", arg=shown, timeout=30000)
             page.locator("#grid img").nth(2).click()
             page.wait_for_selector("#attribution .attribution-item img", timeout=30000)
             captions = page.locator("#attribution figcaption").all_inner_texts()

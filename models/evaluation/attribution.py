@@ -63,18 +63,19 @@ def evaluate_steering(steer: Steering, dataset, opts, device, path: Path, exampl
     base_cls = cls_features(base_images)
     base_pred = classifier(base_images).argmax(1).cpu()
     report = {"n_eval": opts.n_eval, "strengths": SWEEP, "target_class": opts.target_class,
-              "hook_style": opts.hook_style,
+              "hook_style": opts.hook_style, "hook_layer": opts.hook_layer,
               "baseline_share_target_class": (base_pred == opts.target_class).float().mean().item(),
               "class_hook_success": [], "class_hook_success_audit": [], "include_similarity": [], "exclude_similarity": [],
               "baseline_include_similarity": sim_to(base_cls, inc_t),
               "baseline_exclude_similarity": sim_to(base_cls, exc_t)}
     for s in SWEEP:
-        imgs, _ = steer.generate(z, steer.toward_class(opts.target_class, s, opts.hook_style))
+        imgs, _ = steer.generate(z, steer.toward_class(opts.target_class, s, opts.hook_style,
+                                                        layer=opts.hook_layer))
         for key, judge in (("class_hook_success", classifier), ("class_hook_success_audit", audit)):
             report[key].append((judge(imgs).argmax(1).cpu() == opts.target_class).float().mean().item())
-        imgs, _ = steer.generate(z, steer.include(opts.include, s, opts.hook_style))
+        imgs, _ = steer.generate(z, steer.include(opts.include, s, opts.hook_style, layer=opts.hook_layer))
         report["include_similarity"].append(sim_to(cls_features(imgs), inc_t))
-        imgs, _ = steer.generate(z, steer.exclude(opts.exclude, s, opts.hook_style))
+        imgs, _ = steer.generate(z, steer.exclude(opts.exclude, s, opts.hook_style, layer=opts.hook_layer))
         report["exclude_similarity"].append(sim_to(cls_features(imgs), exc_t))
     available = {"bottleneck": True, "image": steer.has_image_encoder, "shape": steer.default_attribute_by == "shape"}
     neighbour_labels = {by: steer.attribute_generation(base_images, base_feats, 5, by)[2] for by in ATTRIBUTE_BY

@@ -19,6 +19,7 @@ from ..io.errors import PipelineError
 from ..io.files import sha256_file
 from ..io.teacher_checkpoints import (LoadedTeacher, inference_weights, load_strict, load_teacher,
                                       require_finite_checkpoint)
+from .layers import BOTTLENECK, LayerError, block_index, layer_names, layer_plan
 from .teacher import TeacherConfig
 from .unet import BottleneckHook, Unet, stage_channels
 
@@ -105,21 +106,62 @@ class DirectDecoder(nn.Module):
     def forward(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None) -> torch.Tensor:
         return self.generate(z, hook)[0]
 
-    def decode(self, h: torch.Tensor) -> torch.Tensor:
-        """The image for bottleneck features ``h`` alone (zero-skip students: the image depends on nothing else)."""
+    @property
+    def hook_layers(self) -> tuple[str, ...]:
+        """The layers a hook may act at, in decoder order (models/nets/layers.py names them)."""
+        return layer_names(len(self.unet.decoder_blocks))
+
+    def layer_shape(self, layer: str) -> tuple[int, int, int]:
+        """[C, H, W] of ``layer``'s features (decoder block i halves its input's channels twice, doubles the side)."""
+        i = block_index(layer, self.hook_layers)
+        c, side, _ = self.bottleneck_shape
+        stages = stage_channels(self.teacher_config.base_dim, self.teacher_config.dim_mults)
+        return (c, side, side) if i == 0 else (stages[-i][0] // 2, side << i, side << i)
+
+    def _decoder_inputs(self, h: torch.Tensor):
         if self.skips != "zero":
             raise PipelineError("decoding from the bottleneck alone needs a student trained with --skips zero")
-        return self.unet.decode(h, self._zero_skips(h), self.unet.time_embedding(self._timestep(h)))
+        return self._zero_skips(h), self.unet.time_embedding(self._timestep(h))
+
+    def decode(self, h: torch.Tensor, hook: Optional[BottleneckHook] = None, layer: str = BOTTLENECK) -> torch.Tensor:
+        """The image for features ``h`` at ``layer`` (default: the bottleneck) alone, ``hook``'s parts at that layer
+        and later ones applied (zero-skip students: the image depends on nothing else)."""
+        start = block_index(layer, self.hook_layers)
+        plan = layer_plan(hook, self.hook_layers)
+        if any(plan[:start]):
+            raise LayerError(f"this hook acts at layers before {layer}, where decoding starts")
+        shortcuts, t_emb = self._decoder_inputs(h)
+        if plan[start] is not None:
+            h = plan[start](h)
+        if start == 0 and hook is None:
+            return self.unet.decode(h, shortcuts, t_emb)
+        return self.unet.final_conv(self.unet.decode_blocks(h, shortcuts, t_emb, start, after_block=plan[1:]))
+
+    def layer_features(self, h: torch.Tensor, layer: str, from_layer: str = BOTTLENECK) -> torch.Tensor:
+        """``layer``'s features (unhooked) for features ``h`` at ``from_layer`` (default: the bottleneck): what a
+        hook at ``layer`` acts on."""
+        start, stop = block_index(from_layer, self.hook_layers), block_index(layer, self.hook_layers)
+        if stop < start:
+            raise LayerError(f"{layer} comes before {from_layer} in the decoder")
+        if stop == start:
+            return h
+        shortcuts, t_emb = self._decoder_inputs(h)
+        return self.unet.decode_blocks(h, shortcuts, t_emb, start, stop)
 
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         """The features hooks act on (before any hook), e.g. to build reference features."""
         return self.unet.encode(z, self._timestep(z), self.context)[0]
 
     def generate(self, z: torch.Tensor, hook: Optional[BottleneckHook] = None):
-        """Image plus the bottleneck before and after the hook, from one encoder pass."""
+        """Image plus the bottleneck before and after the hook, from one encoder pass. ``hook``: a function of the
+        bottleneck, or hooks placed at finer layers (models/nets/layers.py), each applied at its layer."""
         h, shortcuts, t_emb = self._encode(z)
-        steered = hook(h) if hook is not None else h
-        return self.unet.decode(steered, shortcuts, t_emb), h, steered
+        if hook is None:
+            return self.unet.decode(h, shortcuts, t_emb), h, h
+        plan = layer_plan(hook, self.hook_layers)
+        steered = plan[0](h) if plan[0] is not None else h
+        finer = plan[1:] if any(plan[1:]) else None
+        return self.unet.decode(steered, shortcuts, t_emb, after_block=finer), h, steered
 
     @classmethod
     def from_teacher(cls, teacher_unet: Unet, teacher_config: TeacherConfig, skips: str = "zero",

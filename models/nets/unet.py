@@ -2,7 +2,8 @@
 
 Module names mirror the upstream ones exactly (``init_conv.module.0``, ``encoder_blocks.0.conv0`` ...)
 because the state dict is the interchange format: a user's ``steps_00046900.pt`` must load strictly.
-The only addition is the optional ``bottleneck_hook``: the single place where the direct decoder is steered.
+The only additions are the optional hooks: ``bottleneck_hook`` and ``decode``'s ``after_block`` (a hook after a decoder
+block), the places where the direct decoder is steered.
 """
 from __future__ import annotations
 
@@ -162,10 +163,21 @@ class Unet(nn.Module):
             x = before_mid(x)
         return self.mid_block(x), shortcuts, t_emb
 
-    def decode(self, h, shortcuts, t_emb=None):
-        for block, shortcut in zip(self.decoder_blocks, reversed(shortcuts)):
+    def decode(self, h, shortcuts, t_emb=None, after_block: Optional[Sequence[Optional[BottleneckHook]]] = None):
+        """``after_block[i]``: a hook applied to decoder block i's output (None: none)."""
+        return self.final_conv(self.decode_blocks(h, shortcuts, t_emb, after_block=after_block))
+
+    def decode_blocks(self, h, shortcuts, t_emb=None, start: int = 0, stop: Optional[int] = None,
+                      after_block: Optional[Sequence[Optional[BottleneckHook]]] = None):
+        """Decoder blocks ``start`` to ``stop - 1`` (default: all) from ``h``, the input of block ``start``: the
+        features after block ``stop - 1``, before the final convolution."""
+        pairs = list(zip(self.decoder_blocks, reversed(shortcuts)))
+        for i in range(start, len(pairs) if stop is None else stop):
+            block, shortcut = pairs[i]
             h = block(h, shortcut, t_emb)
-        return self.final_conv(h)
+            if after_block is not None and after_block[i] is not None:
+                h = after_block[i](h)
+        return h
 
     def forward(self, x, t=None, bottleneck_hook: Optional[BottleneckHook] = None):
         h, shortcuts, t_emb = self.encode(x, t)

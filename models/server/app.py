@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from ..steering.hooks import DEFAULT_HOOK_STYLE, HOOK_STYLES
+from ..steering.hooks import BOTTLENECK, DEFAULT_HOOK_STYLE, HOOK_STYLES
 from .generation import MAX_N, MAX_TOP_K, GenerateRequest, GenerationService, HookRequestError
 from .jobs import JobManager, JobNotFound, JobStateError
 from .stages import STAGE_SCRIPTS, JobOptionError
@@ -107,7 +107,8 @@ def create_app(service: GenerationService, jobs: JobManager, info: dict) -> Fast
     def server_info():
         return info | {"limits": {"n": MAX_N, "top_k": MAX_TOP_K, "body_bytes": MAX_BODY_BYTES},
                        "stages": sorted(STAGE_SCRIPTS), "hook_styles": list(HOOK_STYLES),
-                       "default_hook_style": DEFAULT_HOOK_STYLE}
+                       "default_hook_style": DEFAULT_HOOK_STYLE, "hook_layers": service.hook_layers(),
+                       "default_hook_layer": BOTTLENECK}
 
     @app.post("/v1/generate")
     def generate(request: GenerateRequest):

@@ -14,7 +14,7 @@ from ..api import DirectDecoderPipeline
 from ..data.datasets import load_dataset
 from ..io.errors import PipelineError
 from ..io.images import image_grid_png
-from ..steering.hooks import DEFAULT_HOOK_STYLE, compose
+from ..steering.hooks import BOTTLENECK, DEFAULT_HOOK_STYLE, compose
 
 MAX_N = 64
 MAX_TOP_K = 20
@@ -33,11 +33,20 @@ STYLE_DOC = ("how the hook moves each generation: toward the targets' mean (mean
              "there (shift_nearest)")
 
 
+LAYER_DOC = ("where the hook acts: the bottleneck, or a finer decoder layer (/v1/info lists them: up1 14x14, up2 "
+             "28x28 on the shipped pair); hooks of different layers apply in decoder order")
+
+
+def _layer_field():
+    return Field(BOTTLENECK, min_length=1, max_length=32, description=LAYER_DOC)
+
+
 class ClassHookSpec(_Strict):
     type: Literal["class"]
     label: int
     strength: float = 0.5
     style: HookStyle = Field(DEFAULT_HOOK_STYLE, description=STYLE_DOC)
+    layer: str = _layer_field()
 
 
 class IncludeHookSpec(_Strict):
@@ -45,6 +54,7 @@ class IncludeHookSpec(_Strict):
     indices: list[int] = Field(min_length=1, max_length=MAX_INDICES)
     strength: float = 0.5
     style: HookStyle = Field(DEFAULT_HOOK_STYLE, description=STYLE_DOC)
+    layer: str = _layer_field()
 
 
 class ExcludeHookSpec(_Strict):
@@ -52,6 +62,7 @@ class ExcludeHookSpec(_Strict):
     indices: list[int] = Field(min_length=1, max_length=MAX_INDICES)
     strength: float = 0.5
     style: HookStyle = Field(DEFAULT_HOOK_STYLE, description=STYLE_DOC)
+    layer: str = _layer_field()
 
 
 class InterpolateHookSpec(_Strict):
@@ -60,6 +71,7 @@ class InterpolateHookSpec(_Strict):
     b: list[int] = Field(min_length=1, max_length=MAX_INDICES)
     alpha: float = 0.5
     strength: float = 0.5
+    layer: str = _layer_field()
 
 
 HookSpec = Annotated[Union[ClassHookSpec, IncludeHookSpec, ExcludeHookSpec, InterpolateHookSpec],
@@ -69,7 +81,8 @@ HookSpec = Annotated[Union[ClassHookSpec, IncludeHookSpec, ExcludeHookSpec, Inte
 class GenerateRequest(_Strict):
     n: int = Field(16, ge=1, le=MAX_N, description="images to generate")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="noise of image i depends only on (seed, i)")
-    hooks: list[HookSpec] = Field(default_factory=list, max_length=MAX_HOOKS, description="applied in order")
+    hooks: list[HookSpec] = Field(default_factory=list, max_length=MAX_HOOKS,
+                                  description="applied in decoder order by layer, in the order given within a layer")
     top_k: int = Field(5, ge=0, le=MAX_TOP_K, description="training images reported per generation (0: none)")
     attribute_by: Literal["auto", "shape", "bottleneck", "image"] = Field(
         "auto", description="place each generation among the training images by its digit shape, by its bottleneck "
@@ -98,30 +111,35 @@ class GenerationService:
         self.rows = pipe.reference["indices"].cpu()
         self._lock = threading.Lock()
 
+    def hook_layers(self) -> list[dict]:
+        """The layers hooks may act at, in decoder order, with their features' shape [C, H, W]."""
+        decoder = self.pipe.student.decoder
+        return [{"name": name, "shape": list(decoder.layer_shape(name))} for name in self.pipe.hook_layers]
+
     def build_hook(self, specs: list) -> Optional[object]:
         hooks = []
         for i, spec in enumerate(specs):
             try:
                 if spec.type == "class":
-                    hooks.append(self.pipe.toward_class(spec.label, spec.strength, spec.style))
+                    hooks.append(self.pipe.toward_class(spec.label, spec.strength, spec.style, layer=spec.layer))
                 elif spec.type == "include":
-                    hooks.append(self.pipe.include(spec.indices, spec.strength, spec.style))
+                    hooks.append(self.pipe.include(spec.indices, spec.strength, spec.style, layer=spec.layer))
                 elif spec.type == "exclude":
-                    hooks.append(self.pipe.exclude(spec.indices, spec.strength, spec.style))
+                    hooks.append(self.pipe.exclude(spec.indices, spec.strength, spec.style, layer=spec.layer))
                 else:
-                    hooks.append(self.pipe.interpolate(spec.a, spec.b, spec.alpha, spec.strength))
+                    hooks.append(self.pipe.interpolate(spec.a, spec.b, spec.alpha, spec.strength, layer=spec.layer))
             except PipelineError as err:
                 raise HookRequestError(f"hooks[{i}] ({spec.type}): {str(err).replace('--', '')}") from err
         return compose(*hooks) if hooks else None
 
     def generate(self, request: GenerateRequest) -> dict:
-        hook = self.build_hook(request.hooks)
-        try:
-            attribute_by = self.pipe.steering.resolve_attribute_by(request.attribute_by)
-        except PipelineError as err:
-            raise HookRequestError(f"attribute_by {request.attribute_by}: {str(err).replace('--', '')}") from err
-        start = time.perf_counter()
-        with self._lock:
+        with self._lock:  # hooks too: the first hook at a finer layer derives (and caches) its reference features
+            hook = self.build_hook(request.hooks)
+            try:
+                attribute_by = self.pipe.steering.resolve_attribute_by(request.attribute_by)
+            except PipelineError as err:
+                raise HookRequestError(f"attribute_by {request.attribute_by}: {str(err).replace('--', '')}") from err
+            start = time.perf_counter()
             out = self.pipe.generate(request.n, request.seed, hook, top_k=request.top_k,
                                      attribute_by=attribute_by)
         images = out.images.cpu()

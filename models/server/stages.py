@@ -20,7 +20,7 @@ STAGE_SCRIPTS = {"generate": "generate_training_data.py", "train": "train_direct
 # Every free-text option of the stages is a file or directory, except these (a test keeps the two lists complete).
 PATH_OPTIONS = {"ckpt", "ddpm_ckpt", "decoder_ckpt", "teacher", "data_path", "output_dir", "output_path",
                 "ref_features_path", "classifier", "init_from", "evaluate_only"}
-NOT_PATH_OPTIONS = {"adv_dataset"}
+NOT_PATH_OPTIONS = {"adv_dataset", "hook_layer"}
 SERVED_PATHS = {"ckpt": "teacher", "ddpm_ckpt": "teacher", "teacher": "teacher", "decoder_ckpt": "student",
                 "ref_features_path": "features"}
 REFUSED_OPTIONS = {"help"}

@@ -24,9 +24,9 @@ from ..io.files import atomic_save, prepare_output_dir
 from ..io.images import save_image_grid
 from ..io.paths import AUDIT_CLASSIFIER, DEFAULT_CLASSIFIER, DEFAULT_TEACHER
 from ..nets.student import load_teacher_and_student
-from ..steering.hooks import DEFAULT_HOOK_STYLE
+from ..steering.hooks import BOTTLENECK, DEFAULT_HOOK_STYLE
 from ..steering.steering import ATTRIBUTE_BY, Steering, check_hook_style
-from .features import check_feature_pairing, load_reference_features
+from .features import check_feature_layer, check_feature_pairing, load_reference_features
 
 
 @dataclass
@@ -41,6 +41,7 @@ class AttributionOptions:
     target_class: int = 3
     strength: list = field(default_factory=lambda: [0.5])
     hook_style: str = DEFAULT_HOOK_STYLE  # how class / include / exclude hooks move each generation (hooks.HOOK_STYLES)
+    hook_layer: str = BOTTLENECK  # where they act: the bottleneck or a finer decoder layer (models/nets/layers.py)
     top_k: int = 5
     seed: int = 0
     evaluate: bool = True
@@ -71,6 +72,7 @@ def attribution_generation(opts: AttributionOptions, dry_run: bool = False) -> d
     teacher, student = load_teacher_and_student(opts.ddpm_ckpt, opts.decoder_ckpt, device)
     ref = load_reference_features(opts.ref_features_path, device)
     check_feature_pairing(ref, teacher.sha256, student.sha256, opts.ref_features_path)
+    check_feature_layer(ref, student.decoder, opts.hook_layer, opts.ref_features_path)
     steer = Steering(student.decoder, ref, device)
     attribute_by = steer.resolve_attribute_by(opts.attribute_by)
     s0 = opts.strength[0]
@@ -131,10 +133,10 @@ def attribution_examples(run: dict, attribute_by: str, n: int = 8) -> dict:
 
 
 def _hooks(steer: Steering, opts: AttributionOptions, strength: float) -> dict:
-    style = opts.hook_style
-    return {"include": steer.include(opts.include, strength, style),
-            "exclude": steer.exclude(opts.exclude, strength, style),
-            f"class_{opts.target_class}": steer.toward_class(opts.target_class, strength, style)}
+    style, layer = opts.hook_style, opts.hook_layer
+    return {"include": steer.include(opts.include, strength, style, layer=layer),
+            "exclude": steer.exclude(opts.exclude, strength, style, layer=layer),
+            f"class_{opts.target_class}": steer.toward_class(opts.target_class, strength, style, layer=layer)}
 
 
 def _mean_sim(features: torch.Tensor, targets: torch.Tensor) -> float:

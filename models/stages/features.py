@@ -9,6 +9,9 @@ as it generates. Two ways to get there, each measured on the student's own gener
   models/training/image_encoder.py); one pass per image.
 - ``ddim_inversion``: the image's latent by DDIM inversion with the teacher, ending at the timestep where the
   student's noise lives, and the student's bottleneck read there.
+
+Only the bottleneck is stored; ``metadata["hook_layers"]`` names the layers the file serves hooks at, the finer ones
+derived from it at first use (models/steering/layer_features.py), and ``check_feature_layer`` refuses the others.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from ..io.progress import progress_bar
 from ..io.records import software_versions
 from ..io.shards import ShardedJob
 from ..nets.student import load_teacher_and_student
+from ..steering.layer_features import require_layer, served_layers
 from ..steering.shape_match import SHAPE, cosine_calibration, shape_record
 from ..training.image_encoder import EncoderTrainOptions, encoder_record, train_image_encoder
 
@@ -232,11 +236,13 @@ def extract_reference_features(opts: FeatureOptions, dry_run: bool = False, *, l
     attribution_start = time.perf_counter()
     attribution = attribution_record(opts.attribution_rule, data.images[:n], assembled["features"])
     attribution_s = time.perf_counter() - attribution_start
+    layers = served_layers({}, decoder)  # finer layers are derived from the bottleneck at first use, not stored
     metadata = {"dataset": source, "split": opts.split, "n": n, "method": method,
                 "method_description": extractor.describe(), **method_identity,
                 "latent_timestep": grid[-1], "teacher_path": teacher.path, "teacher_sha256": teacher.sha256,
                 "student_path": student.path, "student_sha256": student.sha256,
                 "bottleneck_shape": list(decoder.bottleneck_shape), "dtype": "float16" if opts.fp16 else "float32",
+                "hook_layers": list(layers), "layer_shapes": {name: list(decoder.layer_shape(name)) for name in layers},
                 "consistency": consistency | {"reconstruction_psnr_db_mean": recon_psnr.mean().item(),
                                               "reconstruction_psnr_db_median": recon_psnr.median().item()},
                 "attribution_rule": attribution["rule"], "attribution_rule_wall_s": round(attribution_s, 2),
@@ -319,3 +325,11 @@ def check_feature_pairing(ref: dict, teacher_sha256: str, student_sha256: str, p
         raise PipelineError(f"{path} was extracted with student {meta['student_sha256'][:12]} / teacher "
                             f"{meta['teacher_sha256'][:12]}, not the given pair ({student_sha256[:12]} / "
                             f"{teacher_sha256[:12]}); re-extract with these checkpoints")
+
+
+def check_feature_layer(ref: dict, decoder, layer: str, path: str) -> None:
+    """One line, naming the file, when hooks at ``layer`` cannot be served by these features with this student."""
+    try:
+        require_layer(ref, decoder, layer)
+    except PipelineError as err:
+        raise type(err)(f"{path}: {err}") from err

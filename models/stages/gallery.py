@@ -14,9 +14,9 @@ from ..io.images import save_image_grid
 from ..io.paths import DEFAULT_CLASSIFIER
 from ..nets.classifier import load_classifier
 from ..nets.student import load_teacher_and_student
-from ..steering.hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, SHIFT_REACH, channel_scale_hook, exclude_hook,
-                              include_hook, interpolate_hook, multi_include_hook, nearest_hook, shift_hook,
-                              shift_nearest_hook)
+from ..steering.hooks import (BOTTLENECK, DEFAULT_HOOK_STYLE, HOOK_STYLES, SHIFT_REACH, at_layer,
+                              channel_scale_hook, exclude_hook, include_hook, interpolate_hook, multi_include_hook,
+                              nearest_hook, shift_hook, shift_nearest_hook)
 
 PROBE_SAMPLES = 256  # generations weighted by the classifier to estimate a class mean without reference features
 NEAREST_PROBES = 8  # the nearest style's stand-in class when the classifier calls no probe the target class
@@ -25,7 +25,7 @@ NEAREST_PROBES = 8  # the nearest style's stand-in class when the classifier cal
 def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: str, seed: int = 0,
                  strength: float = 0.5, target_class: int = 3, cpu: bool = False,
                  classifier_path: str = DEFAULT_CLASSIFIER, dry_run: bool = False,
-                 hook_style: str = DEFAULT_HOOK_STYLE) -> dict:
+                 hook_style: str = DEFAULT_HOOK_STYLE, hook_layer: str = BOTTLENECK) -> dict:
     if hook_style not in HOOK_STYLES:
         raise PipelineError(f"--hook_style must be one of {', '.join(HOOK_STYLES)}, got {hook_style!r}")
     if n_samples < 3:
@@ -33,12 +33,16 @@ def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: 
     device = pick_device(cpu)
     start = time.perf_counter()
     teacher, student = load_teacher_and_student(ddpm_ckpt, decoder_ckpt, device)
+    if hook_layer not in student.decoder.hook_layers:
+        raise PipelineError(f"--hook_layer must be one of {', '.join(student.decoder.hook_layers)} for this "
+                            f"decoder, got {hook_layer!r}")
     classifier = load_classifier(classifier_path, device)
     print(f"teacher, student and classifier loaded to {device} in {time.perf_counter() - start:.2f}s")
     if dry_run:
         print(json.dumps({"teacher": teacher.path, "teacher_sha256": teacher.sha256, "student": student.path,
                           "bottleneck_shape": list(student.decoder.bottleneck_shape), "n_samples": n_samples,
                           "strength": strength, "target_class": target_class, "seed": seed, "hook_style": hook_style,
+                          "hook_layer": hook_layer, "layer_shape": list(student.decoder.layer_shape(hook_layer)),
                           "output_dir": output_dir, "device": str(device)}, indent=2))
         return {}
     out = prepare_output_dir(output_dir)
@@ -50,6 +54,8 @@ def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: 
         probe_images, probe_h, _ = decoder.generate(probe)
         # Soft class mean: every probe weighted by p(target | image), defined even for a barely trained student.
         target_prob = classifier(probe_images.clamp(-1, 1)).softmax(1)[:, target_class]
+        # the hooks' targets are the same samples' features at the hooked layer
+        h, probe_h = decoder.layer_features(h, hook_layer), decoder.layer_features(probe_h, hook_layer)
         c = h.shape[1]
         hooks = {
             "include": include_hook(h[0], strength),
@@ -61,7 +67,7 @@ def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: 
         }
         outputs = {"baseline": baseline.clamp(-1, 1)}
         for name, hook in hooks.items():
-            outputs[name] = decoder(z, hook=hook).float().clamp(-1, 1)
+            outputs[name] = decoder(z, hook=at_layer(hook_layer, hook)).float().clamp(-1, 1)
     effects = {}
     for name, images in outputs.items():
         save_image_grid(images, out / f"{name}.png")
@@ -74,7 +80,7 @@ def hook_gallery(ddpm_ckpt: str, decoder_ckpt: str, n_samples: int, output_dir: 
     rows = min(n_samples, 8)
     save_image_grid(torch.cat([images[:rows] for images in outputs.values()]), out / "hooks_overview.png", nrow=rows)
     atomic_write_json({"rows_of_hooks_overview": list(outputs), "strength": strength, "seed": seed,
-                       "hook_style": hook_style,
+                       "hook_style": hook_style, "hook_layer": hook_layer,
                        "targets": "include/exclude: sample 0; interpolate: samples 0->1; multi_include: samples 0-2 "
                                   f"weighted 3:2:1; class_{target_class}: mean bottleneck of {PROBE_SAMPLES} generations "
                                   "weighted by the classifier's probability of that class (style mean); the probes "

@@ -1,7 +1,9 @@
-"""Bottleneck hooks: functions features -> features that steer the direct decoder.
+"""Hooks: functions features -> features that steer the direct decoder.
 
-Targets are bottleneck features ([C, H, W] or [K, C, H, W]) in the same space the decoder computes, e.g.
-rows of reference_features.pt. Hooks compose left to right with ``compose``.
+Targets are features ([C, H, W] or [K, C, H, W]) in the space the hook acts on: the bottleneck (rows of
+reference_features.pt) by default, or a finer decoder layer (``at_layer``, models/nets/layers.py; reference features
+there: models/steering/layer_features.py). Every rule below works on any layer's features, flattened. Hooks compose
+left to right with ``compose``, each at its own layer, applied in decoder order.
 
 Class, include and exclude hooks come in styles (``HOOK_STYLES``), because a shared target erases variety:
 
@@ -21,13 +23,12 @@ Class, include and exclude hooks come in styles (``HOOK_STYLES``), because a sha
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from ..io.errors import PipelineError
-
-Hook = Callable[[torch.Tensor], torch.Tensor]
+from ..nets.layers import BOTTLENECK, Hook, LayerHook, at_layer, compose  # noqa: F401 (the hooks' public names)
 
 HOOK_STYLES = ("mean", "nearest", "shift", "shift_nearest")
 DEFAULT_HOOK_STYLE = "shift_nearest"  # chosen by bench/bench_hook_variety.py (BENCHMARKS.md, Hooks)
@@ -60,7 +61,7 @@ def _mean_target(features: torch.Tensor) -> torch.Tensor:
 def _checked(target: torch.Tensor) -> Hook:
     def check(h: torch.Tensor) -> torch.Tensor:
         if h.shape[1:] != target.shape:
-            raise HookError(f"hook target has shape {tuple(target.shape)} but the bottleneck is "
+            raise HookError(f"hook target has shape {tuple(target.shape)} but the hooked features are "
                             f"{tuple(h.shape[1:])}: features from another decoder?")
         return target.to(device=h.device, dtype=h.dtype)
     return check
@@ -109,7 +110,7 @@ def multi_include_hook(features: torch.Tensor, weights: Sequence[float], strengt
 
 
 def channel_scale_hook(channels: slice | Sequence[int], scale: float = 1.2) -> Hook:
-    """Multiplies chosen bottleneck channels, to probe what they encode."""
+    """Multiplies chosen channels of the hooked features, to probe what they encode."""
     sc = _check_strength("channel scale", scale, 0.0, 10.0)
 
     def hook(h: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ def _check_k(k: int) -> int:
 
 def _checked_members(members: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     if h.shape[1:] != members.shape[1:]:
-        raise HookError(f"hook target has shape {tuple(members.shape[1:])} but the bottleneck is "
+        raise HookError(f"hook target has shape {tuple(members.shape[1:])} but the hooked features are "
                         f"{tuple(h.shape[1:])}: features from another decoder?")
     return members.to(h.device)
 
@@ -215,14 +216,6 @@ def nearest_exclude_hook(excluded: torch.Tensor, candidates: torch.Tensor, stren
         moved = h + s * (target.to(h.dtype) - h)
         return torch.where(weight.sum(1)[:, None, None, None] > 0, moved, h)
     return hook
-
-
-def compose(*hooks: Hook) -> Hook:
-    def chained(h: torch.Tensor) -> torch.Tensor:
-        for hook in hooks:
-            h = hook(h)
-        return h
-    return chained
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""Steering by training image or class: hooks built from reference features by training-set index, and the
-attribution of what was generated to its nearest training images.
+"""Steering by training image or class: hooks built from reference features by training-set index, at the
+bottleneck or a finer decoder layer (``layer``: models/nets/layers.py), and the attribution of what was generated to
+its nearest training images.
 
 Attribution here is *similarity* in the student's bottleneck space: which training images sit closest to the
 features that produced a generation. It is not causal influence (what would change had an image been left out).
@@ -18,9 +19,10 @@ import torch
 
 from ..io.errors import PipelineError
 from ..nets.image_encoder import load_image_encoder
-from .hooks import (DEFAULT_HOOK_STYLE, HOOK_STYLES, NEAREST_K, SHIFT_NEAREST_K, SHIFT_REACH, class_direction,
-                    class_hook, exclude_hook, include_hook, interpolate_hook, nearest_exclude_hook, nearest_hook,
-                    shift_hook, shift_nearest_hook)
+from .hooks import (BOTTLENECK, DEFAULT_HOOK_STYLE, HOOK_STYLES, NEAREST_K, SHIFT_NEAREST_K, SHIFT_REACH, at_layer,
+                    class_direction, class_hook, exclude_hook, include_hook, interpolate_hook, nearest_exclude_hook,
+                    nearest_hook, shift_hook, shift_nearest_hook)
+from .layer_features import LayerFeatures, served_layers
 from .search import top_k_similar
 from .shape_match import SHAPE, ShapeMatch, cosine_calibration, percentile, reference_views, shape_top_k
 
@@ -55,6 +57,7 @@ class Steering:
         self.attribution = ref.get("attribution") or {}
         self._shape_views = None
         self._calibration = dict(self.attribution.get("calibration") or {})
+        self._layers = LayerFeatures(ref, decoder, self.features)
 
     @property
     def default_attribute_by(self) -> str:
@@ -73,53 +76,74 @@ class Steering:
                                 "--attribution_rule bottleneck); re-extract them, or attribute by the bottleneck")
         return by
 
-    def include(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None):
-        """Toward training images ``indices`` in ``style`` (hooks.HOOK_STYLES; shift_nearest includes as nearest)."""
-        return self._toward(self.features[_check_indices("include", list(indices), len(self.labels))], strength,
-                            style, "include", k)
+    @property
+    def hook_layers(self) -> tuple[str, ...]:
+        """The layers these reference features serve hooks at (models/steering/layer_features.py)."""
+        return served_layers(self.ref, self.decoder)
 
-    def exclude(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int = NEAREST_K):
-        """Away from training images ``indices`` in ``style``: the mean style mirrors include; nearest and
-        shift_nearest step toward the nearest other training images less like them; shift subtracts their
-        direction."""
-        rows = _check_indices("exclude", list(indices), len(self.labels))
-        targets = self.features[rows]
+    def layer_features(self, layer: str = BOTTLENECK) -> torch.Tensor:
+        """The reference features at ``layer``: the stored bottleneck, or a finer layer derived from it (cached)."""
+        return self._layers[layer]
+
+    def include(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None,
+                layer: str = BOTTLENECK):
+        """Toward training images ``indices`` in ``style`` (hooks.HOOK_STYLES; shift_nearest includes as nearest),
+        at ``layer``."""
+        rows = _check_indices("include", list(indices), len(self.labels))
         style = check_hook_style(style)
+        feats = self.layer_features(layer)
+        return at_layer(layer, self._toward(feats[rows.to(feats.device)], feats, strength, style, "include", k))
+
+    def exclude(self, indices, strength, style: str = DEFAULT_HOOK_STYLE, k: int = NEAREST_K,
+                layer: str = BOTTLENECK):
+        """Away from training images ``indices`` in ``style``, at ``layer``: the mean style mirrors include;
+        nearest and shift_nearest step toward the nearest other training images less like them; shift subtracts
+        their direction."""
+        rows = _check_indices("exclude", list(indices), len(self.labels))
+        style = check_hook_style(style)
+        feats = self.layer_features(layer)
+        targets = feats[rows.to(feats.device)]
         if style == "mean":
-            return exclude_hook(targets, strength)
+            return at_layer(layer, exclude_hook(targets, strength))
         if style == "shift":
-            return shift_hook(-SHIFT_REACH * class_direction(targets, self.features), strength, "exclude",
-                              max_strength=2.0)
+            return at_layer(layer, shift_hook(-SHIFT_REACH * class_direction(targets, feats), strength, "exclude",
+                                              max_strength=2.0))
         keep = torch.ones(len(self.labels), dtype=torch.bool)
         keep[rows] = False
-        return nearest_exclude_hook(targets, self.features[keep.to(self.features.device)], strength, k)
+        return at_layer(layer, nearest_exclude_hook(targets, feats[keep.to(feats.device)], strength, k))
 
-    def _toward(self, targets: torch.Tensor, strength, style: str, name: str, k: int | None):
-        style = check_hook_style(style)
+    def _toward(self, targets: torch.Tensor, reference: torch.Tensor, strength, style: str, name: str,
+                k: int | None):
         if style == "mean":
             return (class_hook if name == "class" else include_hook)(targets, strength)
         if style == "nearest" or (style == "shift_nearest" and name == "include"):
             # a handful of chosen images has no direction worth shifting by: their mean minus the average digit is
             # their class's direction, which makes every generation that digit instead of like those images
             return nearest_hook(targets, strength, NEAREST_K if k is None else k, name)
-        direction = class_direction(targets, self.features)
+        direction = class_direction(targets, reference)
         if style == "shift":
             return shift_hook(SHIFT_REACH * direction, strength, name)
         return shift_nearest_hook(targets, direction, strength, SHIFT_NEAREST_K if k is None else k, name)
 
-    def interpolate(self, a_indices, b_indices, alpha, strength):
+    def interpolate(self, a_indices, b_indices, alpha, strength, layer: str = BOTTLENECK):
         """Toward the point ``alpha`` of the way from the mean of training images a to the mean of images b."""
         n = len(self.labels)
-        return interpolate_hook(self.features[_check_indices("interpolate a", list(a_indices), n)],
-                                self.features[_check_indices("interpolate b", list(b_indices), n)], alpha, strength)
+        a = _check_indices("interpolate a", list(a_indices), n)
+        b = _check_indices("interpolate b", list(b_indices), n)
+        feats = self.layer_features(layer)
+        return at_layer(layer, interpolate_hook(feats[a.to(feats.device)], feats[b.to(feats.device)], alpha,
+                                                strength))
 
-    def toward_class(self, label: int, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None):
-        """Toward the reference features of class ``label`` in ``style`` (hooks.HOOK_STYLES)."""
+    def toward_class(self, label: int, strength, style: str = DEFAULT_HOOK_STYLE, k: int | None = None,
+                     layer: str = BOTTLENECK):
+        """Toward the reference features of class ``label`` in ``style`` (hooks.HOOK_STYLES), at ``layer``."""
         classes = sorted(int(c) for c in self.labels.unique())
         if label not in classes:
             raise PipelineError(f"--target_class {label} is not a label of the reference set ({classes})")
-        return self._toward(self.features[(self.labels == label).to(self.features.device)], strength, style,
-                            "class", k)
+        style = check_hook_style(style)
+        feats = self.layer_features(layer)
+        return at_layer(layer, self._toward(feats[(self.labels == label).to(feats.device)], feats, strength, style,
+                                            "class", k))
 
     @torch.inference_mode()
     def generate(self, z: torch.Tensor, hook=None):

@@ -15,12 +15,13 @@ function requestBody() {
   const hooks = [];
   const label = $("class-label").value;
   const style = $("hook-style").value;
+  const picksLayer = $("picks-layer").value;
   if (label !== "") hooks.push({ type: "class", label: Number(label), strength: Number($("class-strength").value),
-                                 style });
+                                 style, layer: $("class-layer").value });
   if (state.include.length) hooks.push({ type: "include", indices: state.include,
-                                         strength: Number($("include-strength").value), style });
+                                         strength: Number($("include-strength").value), style, layer: picksLayer });
   if (state.exclude.length) hooks.push({ type: "exclude", indices: state.exclude,
-                                         strength: Number($("exclude-strength").value), style });
+                                         strength: Number($("exclude-strength").value), style, layer: picksLayer });
   return { n: Number($("n").value), seed: Number($("seed").value), hooks, top_k: 5 };
 }
 
@@ -226,11 +227,17 @@ async function init() {
     for (const c of info.classes) select.append(new Option(String(c), String(c)));
   for (const style of info.hook_styles) $("hook-style").append(new Option(style, style));
   $("hook-style").value = info.default_hook_style;
+  for (const select of [$("class-layer"), $("picks-layer")]) {
+    for (const layer of info.hook_layers)
+      select.append(new Option(`${layer.name} (${layer.shape[1]}x${layer.shape[2]})`, layer.name));
+    select.value = info.default_hook_layer;
+  }
   for (const stage of info.stages) $("job-stage").append(new Option(stage, stage));
   $("job-stage").value = "generate";
   $("n").max = info.limits.n;
   ["class-strength", "include-strength", "exclude-strength"].forEach(bindSlider);
-  ["seed", "n", "class-label", "hook-style"].forEach((id) => $(id).addEventListener("input", schedule));
+  ["seed", "n", "class-label", "hook-style", "class-layer", "picks-layer"].forEach((id) =>
+    $(id).addEventListener("input", schedule));
   $("picker-label").addEventListener("change", () => { state.pickerOffset = 0; loadPicker(); });
   $("picker-prev").addEventListener("click", () => { state.pickerOffset = Math.max(0, state.pickerOffset - 48); loadPicker(); });
   $("picker-next").addEventListener("click", () => { state.pickerOffset += 48; loadPicker(); });
