@@ -29,7 +29,7 @@ import torch
 
 from models.data.datasets import load_dataset
 from models.diffusion.sampling import SamplerConfig
-from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.evaluation.bench_common import features_provenance, load_pipeline, pipeline_parser
 from models.evaluation.metrics import classifier_outputs
 from models.io.errors import PipelineError, run_cli
 from models.io.files import atomic_save
@@ -201,7 +201,7 @@ def main():
                                                           audit_labels[i].cpu()).float().mean().item()
                                                          for i in range(a.n)] for name in attributed for k in a.ks},
               "rule_pixel_overlap": overlap, "summary": summary, "teacher_sha256": pipe.teacher.sha256,
-              "features": a.ref_features_path, "seconds": round(time.perf_counter() - start, 1)}
+              "features": features_provenance(a.ref_features_path, pipe.reference), "seconds": round(time.perf_counter() - start, 1)}
     append_run_record(result, a.record)
     print_table(summary, list(attributed), a.ks)
     print(f"bench_counterfactual_attribution: {len(runs) + 1} one-epoch fine-tunes ({shared} steps shared), {a.n} "
