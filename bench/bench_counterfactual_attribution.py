@@ -13,9 +13,10 @@ order and noise, the removed rows dropped, BatchNorm frozen), one per removed se
 A generation is the teacher's image of a held-out noise by the sampler the student's pairs were made with (the
 student imitates that map and cannot be re-distilled per removed set here); each fine-tuned teacher regenerates the
 same noises. Its move from the control: pixel RMS (in [0, 1] units) and distance in the AUDIT classifier's feature
-space, and the change of its denoising loss under the fine-tuned teacher (the model-output function of D-TRAK and
-Journey TRAK). Every run regenerates every generation, so a generation's move under other generations' top-k
-removals (same kind of set, not attributed to it) is measured too. Finished runs are cached in --work_dir, so an
+space, and the relative rise of its denoising loss under the fine-tuned teacher (the model-output function of D-TRAK
+and Journey TRAK: leaving out the images a generation drew on should make it harder to denoise). Every run
+regenerates every generation, so a generation's move under other generations' top-k removals (the same kind of
+set, not attributed to it) is measured too. Finished runs are cached in --work_dir, so an
 interrupted bench resumes.
 
     python bench/bench_counterfactual_attribution.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
@@ -40,7 +41,7 @@ from models.nets.classifier import load_classifier
 from models.steering.search import top_k_similar
 from models.training.removal import RemovalFinetune, RemovalFinetuner, denoising_loss, shared_prefix_steps
 
-MEASURES = ("pixel_rms", "audit_distance", "loss_change")
+MEASURES = ("pixel_rms", "audit_distance", "loss_rise")
 
 
 def removal_runs(attributed: dict, random_sets: torch.Tensor, ks: list) -> list:
@@ -88,7 +89,21 @@ def moves(run: dict, control: dict, audit) -> dict:
     a_ctl, _ = classifier_outputs(audit, control["images"])
     return {"pixel_rms": ((run["images"] - control["images"]) / 2).flatten(1).square().mean(1).sqrt(),
             "audit_distance": (a_run - a_ctl).norm(dim=1),
-            "loss_change": (run["loss"] - control["loss"]).abs() / control["loss"]}
+            "loss_rise": (run["loss"] - control["loss"]) / control["loss"]}
+
+
+def rank_p_value(own: torch.Tensor, rand: torch.Tensor) -> float:
+    """One-sided p-value that attributed removals move their generations no more than random ones: if an attributed
+    set were just another random set, its move's rank among the draws (how many it exceeds, 0..draws) would be
+    uniform and independent across generations; the p-value is the chance their sum reaches the one observed."""
+    draws = rand.shape[0]
+    observed = int((own > rand).sum())
+    counts = torch.zeros(1, dtype=torch.float64)
+    counts[0] = 1.0
+    for _ in range(len(own)):  # distribution of the sum of len(own) uniform ranks, by convolution
+        counts = torch.nn.functional.conv1d(counts.view(1, 1, -1), torch.ones(1, 1, draws + 1, dtype=torch.float64),
+                                            padding=draws).view(-1) / (draws + 1)
+    return counts[observed:].sum().item()
 
 
 def summarise(m: dict, rules: list, ks: list, n: int, draws: int) -> dict:
@@ -103,8 +118,8 @@ def summarise(m: dict, rules: list, ks: list, n: int, draws: int) -> dict:
             for measure in MEASURES:
                 own = torch.stack([m[f"{rule}_g{i}_k{k}"][measure][i] for i in range(n)])
                 rand = torch.stack([m[f"random{r}_k{k}"][measure] for r in range(draws)])  # [draws, n]
-                other = torch.stack([torch.stack([m[f"{rule}_g{j}_k{k}"][measure][i] for j in range(n) if j != i]).mean()
-                                     for i in range(n)]) if n > 1 else torch.full((n,), float("nan"))
+                other = torch.stack([torch.stack([m[f"{rule}_g{j}_k{k}"][measure][i] for j in range(n) if j != i])
+                                     .mean() for i in range(n)])  # n >= 2
                 row[measure] = {"attributed_mean": own.mean().item(), "attributed_std": own.std().item(),
                                 "random_mean": rand.mean().item(), "random_std": rand.mean(0).std().item(),
                                 "other_generations_mean": other.mean().item(),
@@ -112,8 +127,15 @@ def summarise(m: dict, rules: list, ks: list, n: int, draws: int) -> dict:
                                 "share_above_random_mean": (own > rand.mean(0)).float().mean().item(),
                                 "share_above_each_random_draw": (own > rand).float().mean().item(),
                                 "share_above_other_generations": (own > other).float().mean().item(),
+                                "p_value_vs_random": rank_p_value(own, rand),
                                 "per_generation": own.tolist(), "random_per_generation": rand.mean(0).tolist()}
             out[f"{rule}_k{k}"] = row
+    for k in ks:  # the rule against the pixel baseline, generation by generation
+        for rule in (r for r in rules if r != "pixel"):
+            out[f"{rule}_k{k}"]["share_above_pixel"] = {
+                measure: (torch.tensor(out[f"{rule}_k{k}"][measure]["per_generation"]) >
+                          torch.tensor(out[f"pixel_k{k}"][measure]["per_generation"])).float().mean().item()
+                for measure in MEASURES}
     return out
 
 
@@ -201,7 +223,8 @@ def main():
                                                           audit_labels[i].cpu()).float().mean().item()
                                                          for i in range(a.n)] for name in attributed for k in a.ks},
               "rule_pixel_overlap": overlap, "summary": summary, "teacher_sha256": pipe.teacher.sha256,
-              "features": features_provenance(a.ref_features_path, pipe.reference), "seconds": round(time.perf_counter() - start, 1)}
+              "features": features_provenance(a.ref_features_path, pipe.reference),
+              "seconds": round(time.perf_counter() - start, 1)}
     append_run_record(result, a.record)
     print_table(summary, list(attributed), a.ks)
     print(f"bench_counterfactual_attribution: {len(runs) + 1} one-epoch fine-tunes ({shared} steps shared), {a.n} "
@@ -213,13 +236,14 @@ def print_table(summary: dict, rules: list, ks: list) -> None:
     noise = summary["noise"]
     print("fine-tuning noise (other seed vs control): " + ", ".join(
         f"{m} {noise[m]['control_other_seed_mean']:.4f}" for m in MEASURES))
-    print(f"{'removed':14s} " + " ".join(f"{m + ' attr/rand/other':>34s} {'wins':>5s}" for m in MEASURES))
+    print(f"{'removed':14s} " + " ".join(f"{m + ' attr/rand/other':>34s} {'wins':>5s} {'p':>6s}" for m in MEASURES))
     for rule in rules:
         for k in ks:
             row = summary[f"{rule}_k{k}"]
             print(f"{rule + ' k=' + str(k):14s} " + " ".join(
-                f"{row[m]['attributed_mean']:10.4f} {row[m]['random_mean']:11.4f} {row[m]['other_generations_mean']:11.4f} "
-                f"{row[m]['share_above_random_mean']:5.0%}" for m in MEASURES))
+                f"{row[m]['attributed_mean']:10.4f} {row[m]['random_mean']:11.4f} "
+                f"{row[m]['other_generations_mean']:11.4f} "
+                f"{row[m]['share_above_random_mean']:5.0%} {row[m]['p_value_vs_random']:6.3f}" for m in MEASURES))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ class RemovalFinetuner:
 
 
 @torch.no_grad()
-def denoising_loss(diffusion: MNISTDiffusion, images: torch.Tensor, n_timesteps: int = 20, seed: int = 0) -> torch.Tensor:
+def denoising_loss(diffusion: MNISTDiffusion, images: torch.Tensor, n_timesteps: int = 20,
+                   seed: int = 0) -> torch.Tensor:
     """Each image's epsilon-prediction error (the training loss) averaged over ``n_timesteps`` evenly spaced
     timesteps, with noise keyed by (seed, image index, timestep): the model-output function D-TRAK and Journey TRAK
     attribute, a smoother measure of what a model learnt about an image than regenerating it."""
