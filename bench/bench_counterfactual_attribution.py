@@ -1,8 +1,9 @@
 """The removal test of attribution: does leaving out a generation's attributed training images change that
 generation more than leaving out as many random ones?
 
-From the shipped teacher, short fine-tunes (models/training/removal.py: one epoch in the teacher trainer's batch
-order and noise, the removed rows dropped, BatchNorm frozen), one per removed set:
+From the shipped teacher, short fine-tunes (models/training/removal.py: one epoch with the teacher trainer's
+timesteps and noise and its batch order, except that every image any run removes comes last so all runs share the
+steps before; the removed rows dropped, BatchNorm frozen), one per removed set:
 
 - for each generation and k: its top-k training images by the pipeline's default rule (DirectDecoderPipeline.
   attribute_images: shape where the features carry it) and, beside it, by pixel cosine (the simplest baseline);
@@ -16,8 +17,8 @@ same noises. Its move from the control: pixel RMS (in [0, 1] units) and distance
 space, and the relative rise of its denoising loss under the fine-tuned teacher (the model-output function of D-TRAK
 and Journey TRAK: leaving out the images a generation drew on should make it harder to denoise). Every run
 regenerates every generation, so a generation's move under other generations' top-k removals (the same kind of
-set, not attributed to it) is measured too. Finished runs are cached in --work_dir, so an
-interrupted bench resumes.
+set, not attributed to it) is measured too. Finished runs are cached in --work_dir, so an interrupted bench
+resumes.
 
     python bench/bench_counterfactual_attribution.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt \
         --decoder_ckpt checkpoints/student_mnist5k.pt --ref_features_path FEATURES.pt --cpu
