@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from models.data.datasets import load_dataset
-from models.evaluation.bench_common import load_pipeline, mean_similarity, pipeline_parser
+from models.evaluation.bench_common import features_provenance, load_pipeline, mean_similarity, pipeline_parser
 from models.evaluation.metrics import classifier_outputs, knn_precision_recall
 from models.io.errors import run_cli
 from models.io.paths import AUDIT_CLASSIFIER
@@ -125,7 +125,7 @@ def main():
                                                                       top_k=0).images)
     base_pred = base_logits.argmax(1)
     result = {"n": a.n, "seed": a.seed, "judge": a.audit_classifier, "class": {}, "include": {}, "exclude": {},
-              "decoder": a.decoder_ckpt, "features": a.ref_features_path}
+              "decoder": a.decoder_ckpt, "features": features_provenance(a.ref_features_path, pipe.reference)}
     settings = [(style, s) for style in a.styles for s in a.strengths]
     bar = progress_bar(total=len(a.digits) * len(settings), desc="class hooks", unit="setting")
     for digit in a.digits:

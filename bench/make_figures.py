@@ -7,7 +7,7 @@ noises, and a strip of the class hook at rising strengths (rows: noises, columns
 """
 import torch
 
-from models.evaluation.bench_common import load_pipeline, pipeline_parser
+from models.evaluation.bench_common import features_provenance, load_pipeline, pipeline_parser
 from models.io.errors import run_cli
 from models.io.files import atomic_write_json, prepare_output_dir
 from models.io.images import save_image_grid
@@ -50,7 +50,7 @@ def main():
     columns = [pipe.generate(a.strip_rows, hook=pipe.toward_class(a.label, s, style), noise=noise, top_k=0).images
                for s in a.strip]
     save_image_grid(torch.stack(columns, 1).flatten(0, 1), out / "hooks_class_strip.png", nrow=len(a.strip))
-    atomic_write_json({"teacher": pipe.teacher.sha256, "student": pipe.student.sha256, "features": a.ref_features_path,
+    atomic_write_json({"teacher": pipe.teacher.sha256, "student": pipe.student.sha256, "features": features_provenance(a.ref_features_path, pipe.reference),
                        "n": a.n, "seed": 0, "hook_style": style, "strength": a.strength,
                        "class_strength": a.class_strength, "include": a.include, "exclude": a.exclude,
                        f"share_classified_{a.label}": shares, "strip_strengths": a.strip}, out / "figures.json")

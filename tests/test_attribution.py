@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import load_pt
+from helpers import load_pt, sha256
 from models.api import DirectDecoderPipeline
 from models.diffusion.noise import per_sample_noise
 from models.evaluation.attribution import SWEEP
@@ -303,4 +303,6 @@ def test_make_figures_draws_the_readme_pictures_from_the_given_pair(tiny_pipelin
     record = json.loads((out / "figures.json").read_text())
     assert record["student"] == pipe.student.sha256 and set(record[f"share_classified_{label}"]) == {
         "baseline", "include", "exclude", f"class_{label}"}
+    assert record["features"]["sha256"] == sha256(tiny_pipeline.features)  # by content, not by a local path
+    assert record["features"]["rebuild"].startswith("python extract_reference_features.py ")
     assert "make_figures:" in stdout

@@ -389,6 +389,8 @@ BENCH_MISSING_INPUT = {
     "bench_bottleneck_control.py": ["--students", "MISSING", "--record", "OUT", "--cpu"],
     "bench_class_hook.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING", "--ref_features_path", "MISSING",
                             "--record", "OUT", "--cpu"],
+    "bench_counterfactual_attribution.py": ["--ddpm_ckpt", "MISSING", "--decoder_ckpt", "MISSING",
+                                            "--ref_features_path", "MISSING", "--record", "OUT", "--cpu"],
     "bench_ddim_quality.py": ["--ckpt", "MISSING", "--out", "OUT", "--cpu"],
     "bench_demo_student.py": ["--ckpt", "MISSING", "--record", "OUT", "--cpu"],
     "bench_distributed.py": ["--ckpt", "MISSING", "--out", "OUT"],

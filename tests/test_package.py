@@ -145,3 +145,22 @@ def test_benches_write_records_through_the_one_helper():
     for path in sorted((REPO / "bench").glob("*.py")):
         text = path.read_text()
         assert "append_jsonl(" not in text and '" ".join(sys.argv)' not in text, path.name
+
+
+def test_records_name_reference_features_by_hash_and_rebuild_command(tmp_path):
+    """A bench record names its features by sha256 and the command that rebuilds them, not by a local path."""
+    import hashlib
+    from models.evaluation.bench_common import features_provenance
+    path = tmp_path / "features.pt"
+    path.write_bytes(b"features")
+    meta = {"teacher_path": "checkpoints/teacher_mnist5k.pt", "student_path": "checkpoints/student_mnist5k.pt",
+            "method": "image_encoder", "attribution_rule": "shape",
+            "image_encoder": {"steps": 1500, "teacher_pairs_fraction": 0.0, "seed": 0, "lr": 0.001},
+            "consistency": {"generated_bottleneck_cosine_mean": 0.93}}
+    record = features_provenance(path, {"metadata": meta})
+    assert record["sha256"] == hashlib.sha256(b"features").hexdigest() and str(tmp_path) not in json.dumps(record)
+    assert record["rebuild"] == ("python extract_reference_features.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt "
+                                 "--decoder_ckpt checkpoints/student_mnist5k.pt --method image_encoder "
+                                 "--encoder_steps 1500 --encoder_teacher_pairs_fraction 0.0 --seed 0 "
+                                 "--attribution_rule shape --output_path FEATURES.pt")
+    assert (record["encoder_steps"], record["consistency"], record["attribution_rule"]) == (1500, 0.93, "shape")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ..api import DirectDecoderPipeline
 from ..io.cli import ArgumentParser, add_cpu_flag
 from ..io.device import pick_device
+from ..io.files import sha256_file
 from ..io.paths import DEFAULT_CLASSIFIER
 from ..nets.classifier import load_classifier
 
@@ -47,3 +48,22 @@ def cpu_seconds(fn, repeats: int = 1) -> float:
 def mean_similarity(feats: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean cosine (along dim 1) of ``feats`` to the mean of ``targets``: how like a target set generations are."""
     return F.cosine_similarity(feats, targets.mean(0, keepdim=True), dim=1).mean().item()
+
+
+ENCODER_FLAGS = (("encoder_steps", "steps"), ("encoder_teacher_pairs_fraction", "teacher_pairs_fraction"),
+                 ("seed", "seed"))  # the extraction flags behind the image encoder's recorded options
+
+
+def features_provenance(path, reference: dict) -> dict:
+    """What a record says about the reference features it used: their sha256 and the command that rebuilds them
+    (from their own metadata), not a path that exists only on the machine that ran the bench."""
+    meta = reference["metadata"]
+    encoder = meta.get("image_encoder") or {}
+    rule = meta.get("attribution_rule", "bottleneck")
+    command = (f"python extract_reference_features.py --ddpm_ckpt {meta.get('teacher_path', 'TEACHER.pt')} "
+               f"--decoder_ckpt {meta.get('student_path', 'STUDENT.pt')} --method {meta.get('method', 'auto')}"
+               + "".join(f" --{flag} {encoder[key]}" for flag, key in ENCODER_FLAGS if key in encoder)
+               + f" --attribution_rule {rule} --output_path FEATURES.pt")
+    return {"sha256": sha256_file(path), "method": meta.get("method"), "encoder_steps": encoder.get("steps"),
+            "consistency": (meta.get("consistency") or {}).get("generated_bottleneck_cosine_mean"),
+            "attribution_rule": rule, "rebuild": command}

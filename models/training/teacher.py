@@ -105,6 +105,17 @@ def _batch_indices(seed: int, step: int, per_epoch: int, batch_size: int, n: int
     return order[within * batch_size:(within + 1) * batch_size]
 
 
+def training_batch(seed: int, step: int, per_epoch: int, batch_size: int, n: int, timesteps: int,
+                   image_shape: tuple = (1, 28, 28)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step ``step``'s rows (indices into the dataset), timesteps and noise: fixed by (seed, step) alone, so a
+    resumed run, or a fine-tune that leaves some rows out (models/training/removal.py), draws the same for the rest."""
+    gen = step_generator(seed, step)
+    idx = _batch_indices(seed, step, per_epoch, batch_size, n)
+    t = torch.randint(0, timesteps, (len(idx),), generator=gen)
+    noise = torch.randn((len(idx), *image_shape), generator=gen)
+    return idx, t, noise
+
+
 @holds_output_locks
 def train_teacher(opts: TeacherTrainOptions, resume: bool = False, dry_run: bool = False, *, locks) -> dict:
     """Under torchrun: DistributedDataParallel, --batch_size the global batch split over the ranks, each rank
@@ -224,11 +235,9 @@ def _train_teacher(opts: TeacherTrainOptions, resume: bool, dry_run: bool, locks
     bar = progress_bar(total=total, initial=step, desc="train_ddpm", unit="step", dynamic_ncols=True,
                        disable=not ranks.is_main)
     while step < total:
-        gen = step_generator(opts.seed, step)
-        idx = _batch_indices(opts.seed, step, per_epoch, opts.batch_size, len(data))
-        x0 = images[idx]
-        t = torch.randint(0, model_args.timesteps, (len(idx),), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        idx, t, noise = training_batch(opts.seed, step, per_epoch, opts.batch_size, len(data),
+                                       model_args.timesteps, tuple(images.shape[1:]))
+        x0, t, noise = images[idx], t.to(device), noise.to(device)
         if ranks.active:  # this rank's rows of what one process draws, and its share of the batch's mean
             lo, hi = ranks.split(len(idx))
             share = (hi - lo) / len(idx)
