@@ -103,6 +103,15 @@ def use_cached_mnist5k(monkeypatch, module, mnist5k) -> list:
     return calls
 
 
+def every_nth_image(data, step: int):
+    """A smaller copy of a dataset: every ``step``-th image, with its label and source index. mnist5k is sorted by
+    label, so every class keeps its share (a prefix would be all zeros). For end-to-end runs whose assertions do
+    not depend on how many images the stages read."""
+    from models.data.datasets import LabeledImages
+    keep = torch.arange(0, len(data), step)
+    return LabeledImages(data.images[keep], data.labels[keep], data.indices[keep], data.source, data.split)
+
+
 def one_error_line(err: str, *, allow_progress: bool = False) -> str:
     """The one "error: " line of a refused run's stderr (blank lines aside), asserting there is exactly one.
 
