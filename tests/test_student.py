@@ -491,20 +491,21 @@ def test_batchnorm_recalibration_gives_exact_statistics():
 # ---------------------------------------------------------------- more pairs than one generation run
 
 @pytest.fixture(scope="module")
-def more_pairs(tiny_teacher_ckpt, tmp_path_factory, script):
-    """Pairs of a new noise seed (1), and pairs that reuse the tiny pairs' seed (0) with another count."""
+def more_pairs(tiny_teacher_ckpt, tmp_path_factory):
+    """Pairs of a new noise seed (1), and pairs that reuse the tiny pairs' seed (0) with another count (made in this
+    interpreter: the command line of generate_training_data.py is tested in tests/test_generate.py)."""
+    from models.stages.generate import GenerateOptions, generate_training_data
     made = {}
     for name, seed, n in (("seed1", 1, 24), ("seed0_again", 0, 24)):
         out = tmp_path_factory.mktemp(name)
-        proc = script("generate_training_data.py", "--ckpt", tiny_teacher_ckpt, "--output_dir", out, "--n_samples", n,
-                      "--batch_size", 8, "--steps", 5, "--spacing", "leading", "--seed", seed, "--cpu")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        generate_training_data(GenerateOptions(ckpt=str(tiny_teacher_ckpt), output_dir=str(out), n_samples=n,
+                                               batch_size=8, steps=5, spacing="leading", seed=seed, cpu=True))
         made[name] = out / "training_data.pt"
     return made
 
 
 def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pairs, more_pairs, tmp_path, train,
-                                                    script):
+                                                    monkeypatch, capsys):
     out = tmp_path / "run"
     args = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, more_pairs["seed1"], "--output_dir", out,
             "--epochs", "1", "--batch_size", "8", "--cpu", "--no_evaluate"]
@@ -525,9 +526,10 @@ def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pair
     assert ckpt["config"]["n_pairs"] == 64
     # The generalization bench regenerates each merged pair from its own file's seed: its trained-on MSE is the MSE
     # to the merged file's teacher images at the same indices.
-    proc = script("bench/bench_student_generalization.py", "--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt",
-                  out / "ckpt_epoch_001.pt", "--n", 6, "--record", tmp_path / "gen.jsonl", "--cpu")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = run_main_in_process(REPO / "bench" / "bench_student_generalization.py",
+                                       ["--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt", out / "ckpt_epoch_001.pt",
+                                        "--n", 6, "--record", tmp_path / "gen.jsonl", "--cpu"], monkeypatch, capsys)
+    assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "gen.jsonl").read_text().splitlines()[-1])
     assert record["pairs_seeds"] == [0, 1]
     idx = sorted(int(i) for i in student_split(64, 0.1, 0)[0][:6])  # 6: as many as the validation split holds
