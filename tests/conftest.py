@@ -140,7 +140,7 @@ def _script_outcome(proc: subprocess.CompletedProcess) -> dict:
 @pytest.fixture(scope="session")
 def tiny_teacher_run(shared_root) -> dict:
     """One uninterrupted 8-step train_ddpm.py run (checkpoints at steps 4 and 8), made once for the whole test run
-    and shared by every worker (its directory is read, never written, by the tests)."""
+    and shared by every worker (the tests read its directory; a refused rerun touches only its lock)."""
     def build(directory: Path) -> dict:
         out = directory / "run"
         proc = run_train_ddpm(*TEACHER_RUN_ARGS, "--output_dir", out)
