@@ -32,9 +32,10 @@ demo: $(VENV)/.installed-runtime
 full: $(VENV)/.installed-runtime
 	$(PY) run_pipeline.py --preset full
 
-# Tests run one torch thread per process, one process per core (pytest-xdist).
+# Tests run one torch thread per process, one process per core (pytest-xdist), whole files per worker, the longest
+# first (tests/conftest.py says why).
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n auto --maxprocesses 4 tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder tests
 
 # The steering page and job API on http://127.0.0.1:8000/ with the shipped pair (serve.py --help: every option).
 serve: $(VENV)/.installed-serve

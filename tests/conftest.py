@@ -14,7 +14,7 @@ import pytest
 import torch
 
 pytest.register_assert_rewrite("helpers")  # before the import: failures inside the helpers show their values
-from helpers import UPSTREAM_CKPT, load_pt, subprocess_env, upstream_fixture_problem  # noqa: E402
+from helpers import UPSTREAM_CKPT, built_once, load_pt, subprocess_env, upstream_fixture_problem  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The upstream MNISTDiffusion fixture lives in shared/ beside the checkout (CI clones it so). Without it the tests that
@@ -34,6 +34,24 @@ TINY_TRAIN_ARGS = ["--model_base_dim", "4", "--batch_size", "8", "--sample_steps
                    "--timesteps", "50", "--cpu", "--threads", "1"]
 TEACHER_RUN_ARGS = TINY_TRAIN_ARGS + ["--steps", "8", "--save_every", "4", "--log_every", "2", "--keep_last", "5",
                                       "--model_ema_steps", "2", "--model_ema_decay", "0.99999", "--seed", "0"]
+
+
+# `make test` hands whole files to the two xdist workers (--dist loadfile: a module's fixtures are built once, not
+# once per worker), in this order, the longest measured first, so that the short files even out the end and no
+# worker idles while the other finishes a long one (CPU seconds per file, 2026-12-07: faults 102, distributed 98,
+# student 69, serve 48, pipeline 35, quickstart 32, ...; the quickstart goes second: it needs none of the shared tiny
+# fixtures, so its worker does not wait while the other builds them). Files not listed (new ones) follow, in their
+# usual order.
+LONGEST_FIRST = ("test_faults.py", "test_quickstart.py", "test_distributed.py", "test_student.py", "test_serve.py",
+                 "test_pipeline.py", "test_bad_input.py", "test_train_ddpm.py", "test_features.py",
+                 "test_adversarial.py", "test_attribution.py", "test_attribution_rule.py", "test_verify_models.py",
+                 "test_generate.py", "test_hook_styles.py", "test_samplers.py", "test_notebook.py",
+                 "test_serve_browser.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 def script_command(script: str, *args) -> list[str]:
@@ -106,13 +124,33 @@ def mnist5k():
 
 
 @pytest.fixture(scope="session")
-def tiny_teacher_run(tmp_path_factory) -> dict:
-    """One uninterrupted 8-step train_ddpm.py run (checkpoints at steps 4 and 8), shared by the whole session."""
-    out = tmp_path_factory.mktemp("tiny_teacher") / "run"
-    args = TEACHER_RUN_ARGS + ["--output_dir", str(out)]
-    proc = run_train_ddpm(*args)
-    assert proc.returncode == 0, f"tiny teacher run failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    return {"dir": out, "args": args, "proc": proc, "final": out / "steps_00000008.pt"}
+def shared_root(tmp_path_factory, request) -> Path:
+    """A directory shared by every xdist worker of this run (their base temps' parent), or this session's base temp
+    without xdist: where the tiny fixtures below are built once for the whole run."""
+    base = tmp_path_factory.getbasetemp()
+    in_worker = hasattr(request.config, "workerinput")  # set by xdist on its workers only
+    return (base.parent if in_worker else base) / "tiny_fixtures"
+
+
+def _script_outcome(proc: subprocess.CompletedProcess) -> dict:
+    return {"args": [str(a) for a in proc.args], "returncode": proc.returncode, "stdout": proc.stdout,
+            "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(shared_root) -> dict:
+    """One uninterrupted 8-step train_ddpm.py run (checkpoints at steps 4 and 8), made once for the whole test run
+    and shared by every worker (the tests read its directory; a refused rerun touches only its lock)."""
+    def build(directory: Path) -> dict:
+        out = directory / "run"
+        proc = run_train_ddpm(*TEACHER_RUN_ARGS, "--output_dir", out)
+        assert proc.returncode == 0, f"tiny teacher run failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        return {"out": str(out), "proc": _script_outcome(proc)}
+    made = built_once(shared_root, "tiny_teacher", build)
+    out, proc = Path(made["out"]), made["proc"]
+    return {"dir": out, "args": TEACHER_RUN_ARGS + ["--output_dir", str(out)],
+            "proc": subprocess.CompletedProcess(proc["args"], proc["returncode"], proc["stdout"], proc["stderr"]),
+            "final": out / "steps_00000008.pt"}
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +170,9 @@ def script():
     return run_script
 
 
-# Tiny downstream artefacts built from the tiny teacher (T=50): pairs -> student -> reference features.
+# Tiny downstream artefacts built from the tiny teacher (T=50): pairs -> student -> reference features, each made
+# once for the whole test run and shared by every xdist worker (the tests read them; the ones that change a file work
+# on a copy).
 # Leading spacing (start t = 40, not the default trailing t = 49): at t = T-1 the signal share is ~1e-3, so an
 # inversion through this untrained teacher would give every image the same latent; it also makes the tiny
 # student's sampler differ from the default, which the tests that read it back rely on.
@@ -142,30 +182,34 @@ TINY_FEATURE_ARGS = ["--dataset", "mnist5k", "--limit", "120", "--encoder_steps"
                      "--batch_size", "40", "--consistency_samples", "8", "--cpu"]
 
 
-@pytest.fixture(scope="session")
-def tiny_pairs(tiny_teacher_ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_pairs")
-    proc = run_script("generate_training_data.py", "--ckpt", tiny_teacher_ckpt, "--output_dir", out, *TINY_PAIRS_ARGS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "training_data.pt"
+def _built_by_script(shared_root: Path, name: str, product: str, script: str, *args) -> Path:
+    """``script args --output_dir|--output_path <shared_root/name/...>`` run once for the whole test run (every
+    xdist worker shares it); returns the path of its product."""
+    def build(directory: Path) -> dict:
+        out = directory / product if args[-1] == "--output_path" else directory
+        proc = run_script(script, *args, out)
+        assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        return {"product": str(directory / product)}
+    return Path(built_once(shared_root, name, build)["product"])
 
 
 @pytest.fixture(scope="session")
-def tiny_student(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_student")
-    proc = run_script("train_direct_decoder.py", "--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs,
-                      "--output_dir", out, *TINY_STUDENT_ARGS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "best_model.pt"
+def tiny_pairs(tiny_teacher_ckpt, shared_root) -> Path:
+    return _built_by_script(shared_root, "tiny_pairs", "training_data.pt", "generate_training_data.py", "--ckpt",
+                            tiny_teacher_ckpt, *TINY_PAIRS_ARGS, "--output_dir")
 
 
 @pytest.fixture(scope="session")
-def tiny_features(tiny_teacher_ckpt, tiny_student, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_features") / "reference_features.pt"
-    proc = run_script("extract_reference_features.py", "--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt",
-                      tiny_student, "--output_path", out, *TINY_FEATURE_ARGS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def tiny_student(tiny_teacher_ckpt, tiny_pairs, shared_root) -> Path:
+    return _built_by_script(shared_root, "tiny_student", "best_model.pt", "train_direct_decoder.py", "--ddpm_ckpt",
+                            tiny_teacher_ckpt, "--data_path", tiny_pairs, *TINY_STUDENT_ARGS, "--output_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_teacher_ckpt, tiny_student, shared_root) -> Path:
+    return _built_by_script(shared_root, "tiny_features", "reference_features.pt", "extract_reference_features.py",
+                            "--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt", tiny_student, *TINY_FEATURE_ARGS,
+                            "--output_path")
 
 
 @pytest.fixture(scope="session")

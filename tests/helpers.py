@@ -6,11 +6,14 @@ pytest's default ("prepend") import mode puts tests/ on sys.path, so test module
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import fnmatch
 import hashlib
+import json
 import os
 import runpy
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -30,6 +33,26 @@ def subprocess_env() -> dict:
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("FASHION_MNIST_DIR", None)
     return env
+
+
+def built_once(root: Path, name: str, build: Callable[[Path], dict]) -> dict:
+    """``build(directory)`` run once for the whole test run, whichever xdist worker asks first; the others wait for
+    it and get what it returned (a JSON-able dict). ``root`` is shared by every worker of one run.
+
+    A build that failed leaves no record: the next worker to ask starts again from an empty directory (and fails
+    the same way, so each worker's tests report it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    directory, record = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not record.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            result = build(directory)
+            tmp = record.with_name(f".{record.name}.tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.rename(record)
+        return json.loads(record.read_text())
 
 
 UPSTREAM_CKPT = "steps_00000060.pt"  # the upstream fixture's checkpoint, beside its golden.pt
@@ -101,6 +124,15 @@ def use_cached_mnist5k(monkeypatch, module, mnist5k) -> list:
         return mnist5k if (source, split) == ("mnist5k", "train") else real(source, split, download)
     monkeypatch.setattr(module, "load_dataset", cached)
     return calls
+
+
+def every_nth_image(data, step: int):
+    """A smaller copy of a dataset: every ``step``-th image, with its label and source index. mnist5k is sorted by
+    label, so every class keeps its share (a prefix would be all zeros). For end-to-end runs whose assertions do
+    not depend on how many images the stages read."""
+    from models.data.datasets import LabeledImages
+    keep = torch.arange(0, len(data), step)
+    return LabeledImages(data.images[keep], data.labels[keep], data.indices[keep], data.source, data.split)
 
 
 def one_error_line(err: str, *, allow_progress: bool = False) -> str:

@@ -11,7 +11,8 @@ import torch
 
 import models.evaluation.evaluate
 import models.training.student
-from helpers import assert_identical, load_pt, one_error_line, run_main_in_process, use_cached_mnist5k
+from helpers import (assert_identical, every_nth_image, load_pt, one_error_line, run_main_in_process,
+                     use_cached_mnist5k)
 from models.io.paths import AUDIT_CLASSIFIER
 from models.nets.discriminator import Discriminator
 from models.training.adversarial import discriminator_hinge_loss, generator_hinge_loss, AdversarialTerm
@@ -144,8 +145,9 @@ def test_bad_adversarial_options_exit_1(flags, message, tiny_teacher_ckpt, tiny_
 
 def test_student_quality_bench_reports_the_audit_figures(tiny_student, tiny_teacher_ckpt, tiny_pairs, tmp_path,
                                                         monkeypatch, capsys, mnist5k):
-    """One row per student, with the audit classifier's ratio and both recalls, from the same held-out pairs."""
-    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, mnist5k)
+    """One row per student, with the audit classifier's ratio and both recalls, from the same held-out pairs (real
+    images: every 10th of mnist5k, as tests/test_student.py evaluates)."""
+    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, every_nth_image(mnist5k, 10))
     record = tmp_path / "quality.jsonl"
     code, out, err = run_main_in_process(REPO / "bench" / "bench_student_quality.py",
                                          ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, "--students",

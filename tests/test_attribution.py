@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import load_pt, sha256
+from helpers import load_pt, run_main_in_process, sha256
 from models.api import DirectDecoderPipeline
 from models.diffusion.noise import per_sample_noise
 from models.evaluation.attribution import SWEEP
@@ -182,15 +182,18 @@ def test_report(attr_run):
     assert agreement["pixel_nn_baseline"]["top5_majority"] == pytest.approx(r["baseline_share_target_class"])
 
 
-def test_attribute_by_image_re_encodes_the_generation(attr_run, tiny_pipeline, random_ref, tmp_path, script):
+def test_attribute_by_image_re_encodes_the_generation(attr_run, tiny_pipeline, random_ref, tmp_path, monkeypatch,
+                                                     capsys, repo_root):
     """--attribute_by image: each generation's top-k are the training images nearest its image read back by the
-    features' image encoder; features without an encoder are refused in one line before any output."""
+    features' image encoder; features without an encoder are refused in one line before any output. (The script's
+    __main__ in this interpreter; attr_run above is the fresh-interpreter run.)"""
+    def cli(*args):
+        return run_main_in_process(repo_root / "attribution_generation.py", args, monkeypatch, capsys)
     out = tmp_path / "by_image"
     common = ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student, "--n_samples", N_SAMPLES,
               "--top_k", TOP_K, "--target_class", TARGET, "--strength", STRENGTHS[0], "--no_evaluate", "--cpu"]
-    proc = script("attribution_generation.py", *common, "--ref_features_path", random_ref[0], "--output_dir", out,
-                  "--attribute_by", "image")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = cli(*common, "--ref_features_path", random_ref[0], "--output_dir", out, "--attribute_by", "image")
+    assert code == 0, err[-3000:]
     base = load_pt(out / "attribution_results.pt")["runs"]["baseline"]
     pipe = DirectDecoderPipeline.load(str(tiny_pipeline.teacher), str(tiny_pipeline.student), str(random_ref[0]),
                                       device="cpu")
@@ -200,9 +203,9 @@ def test_attribute_by_image_re_encodes_the_generation(attr_run, tiny_pipeline, r
     no_encoder = dict(random_ref[1])
     no_encoder.pop("image_encoder")
     torch.save(no_encoder, tmp_path / "inverted.pt")
-    proc = script("attribution_generation.py", *common, "--ref_features_path", tmp_path / "inverted.pt",
-                  "--output_dir", tmp_path / "refused", "--attribute_by", "image")
-    assert proc.returncode == 1 and "carry no image encoder" in proc.stderr.strip().splitlines()[-1]
+    code, _, err = cli(*common, "--ref_features_path", tmp_path / "inverted.pt", "--output_dir", tmp_path / "refused",
+                       "--attribute_by", "image")
+    assert code == 1 and "carry no image encoder" in err.strip().splitlines()[-1]
     assert not (tmp_path / "refused" / "attribution_results.pt").exists()
 
 

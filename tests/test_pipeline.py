@@ -13,11 +13,14 @@ import models.stages.attribution
 import models.stages.features
 import models.stages.pipeline
 from models.data.pairs import noise_seeds
-from helpers import load_pt, sha256, use_cached_mnist5k
+from helpers import every_nth_image, load_pt, sha256, use_cached_mnist5k
 from models.io.errors import PipelineError
 from models.stages.pipeline import STAGES, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
+# The stages read every 10th mnist5k image (500, 50 of each class): extraction, attribution and the evaluation's real
+# images scale with the dataset, and nothing asserted here depends on its size.
+EVERY_NTH = 10
 
 TINY = {"n_pairs": 60, "ddim_steps": 5, "gen_batch": 8, "epochs": 2, "train_batch": 8, "lr": 1e-3,
         "perceptual_weight": 0.05, "encoder_steps": 3, "feature_batch": 1000, "n_attr": 4, "n_eval": 8}
@@ -28,7 +31,7 @@ def tiny_run(tmp_path_factory, tiny_teacher_ckpt, mnist5k):
     mp = pytest.MonkeyPatch()
     mp.setitem(models.stages.pipeline.PRESETS, "tiny", TINY)
     for module in (models.stages.features, models.stages.attribution, models.evaluation.evaluate):
-        use_cached_mnist5k(mp, module, mnist5k)
+        use_cached_mnist5k(mp, module, every_nth_image(mnist5k, EVERY_NTH))
     out = tmp_path_factory.mktemp("pipeline") / "tiny"
     try:
         state = run_pipeline("tiny", str(out), str(tiny_teacher_ckpt), cpu=True)
@@ -80,7 +83,7 @@ def test_a_preset_can_continue_a_student_on_pairs_of_an_unseen_seed(tmp_path, ti
     mp = pytest.MonkeyPatch()
     mp.setitem(models.stages.pipeline.PRESETS, "tiny_continue", preset)
     for module in (models.stages.features, models.stages.attribution, models.evaluation.evaluate):
-        use_cached_mnist5k(mp, module, mnist5k)
+        use_cached_mnist5k(mp, module, every_nth_image(mnist5k, EVERY_NTH))
     out = tmp_path / "run"
     try:
         run_pipeline("tiny_continue", str(out), str(tiny_teacher_ckpt), cpu=True)

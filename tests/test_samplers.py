@@ -377,13 +377,18 @@ def test_ddim_round_trip_on_fixture_teacher(upstream_teacher, mnist5k):
     assert err.mean().item() < 3e-4, err.mean().item()
 
 
-def test_ddim_k1000_bitwise_reproducible_on_fixture_teacher(upstream_teacher):
+def test_ddim_bitwise_reproducible_on_fixture_teacher(upstream_teacher):
+    """Two runs of the real network's DDIM chain from the same noise are bitwise equal (and the first did not change
+    the noise it was given). K=100, not K=1000: every step is the same deterministic UNet evaluation, so a longer
+    chain adds no code path, only ~13 ms of CPU per step; the 1000-step grid itself is checked on the dummy
+    (test_ddim_k1000_visits_every_timestep_and_inversion_walks_back)."""
     d = upstream_teacher.diffusion
-    noise = per_sample_noise(seed=0, indices=[0])  # one image: two K=1000 runs of the base_dim 64 UNet on the CPU
+    noise = per_sample_noise(seed=0, indices=[0])  # one image: two K=100 runs of the base_dim 64 UNet on the CPU
     start = time.perf_counter()
     with torch.inference_mode():
-        a = ddim_sample(d.predict_noise, noise, d.alphas_cumprod, 1000)
-        b = ddim_sample(d.predict_noise, noise.clone(), d.alphas_cumprod, 1000)
+        a = ddim_sample(d.predict_noise, noise, d.alphas_cumprod, 100)
+        b = ddim_sample(d.predict_noise, noise.clone(), d.alphas_cumprod, 100)
     assert torch.isfinite(a).all()
+    assert torch.equal(noise, per_sample_noise(seed=0, indices=[0]))
     assert not torch.equal(a, noise)
     assert torch.equal(a, b), f"max diff {(a - b).abs().max().item()} after {time.perf_counter() - start:.0f} s"

@@ -17,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import served_test_client, start_server, stop_server
+from helpers import run_main_in_process, served_test_client, start_server, stop_server
 from models.api import DirectDecoderPipeline
 from models.server.app import MAX_BODY_BYTES, create_app
 from models.server.generation import GenerationService
@@ -344,12 +344,18 @@ def test_stopping_server_interrupts_its_jobs(tiny_pipeline, tmp_path):
     assert not _process_alive(job["id"], tmp_path)
 
 
-def test_serve_refuses_a_missing_model_and_a_mismatched_pair(tiny_pipeline, script, tmp_path):
-    proc = script("serve.py", "--teacher", tmp_path / "no_such_teacher.pt", "--workdir", tmp_path, "--dry-run")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no_such_teacher.pt" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    proc = script("serve.py", "--teacher", tiny_pipeline.teacher, "--student", tiny_pipeline.student, "--features",
-                  tiny_pipeline.features, "--workdir", tmp_path, "--dry-run", "--cpu")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["features"] == str(tiny_pipeline.features)
-    mismatched = script("serve.py", "--student", tiny_pipeline.student, "--workdir", tmp_path, "--dry-run", "--cpu")
-    assert mismatched.returncode == 1 and mismatched.stderr.startswith("error: "), mismatched.stderr
+def test_serve_refuses_a_missing_model_and_a_mismatched_pair(tiny_pipeline, tmp_path, repo_root, monkeypatch, capsys):
+    """serve.py's __main__ in this interpreter, from the checkout (its default teacher is a relative path); the real
+    server process is started by test_real_server_killed_mid_job_restarts_and_resumes."""
+    monkeypatch.chdir(repo_root)
+
+    def serve(*args):
+        return run_main_in_process(repo_root / "serve.py", args, monkeypatch, capsys)
+    code, _, err = serve("--teacher", tmp_path / "no_such_teacher.pt", "--workdir", tmp_path, "--dry-run")
+    assert code == 2 and err.startswith("error: ") and "no_such_teacher.pt" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = serve("--teacher", tiny_pipeline.teacher, "--student", tiny_pipeline.student, "--features",
+                           tiny_pipeline.features, "--workdir", tmp_path, "--dry-run", "--cpu")
+    assert code == 0 and json.loads(out)["features"] == str(tiny_pipeline.features), err[-2000:]
+    code, _, err = serve("--student", tiny_pipeline.student, "--workdir", tmp_path, "--dry-run", "--cpu")
+    assert code == 1 and err.startswith("error: "), err

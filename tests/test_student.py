@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import models.evaluation.evaluate
-from helpers import (assert_identical, kill_when, load_pt, one_error_line, run_main_in_process, sha256,
+from helpers import (assert_identical, every_nth_image, kill_when, load_pt, one_error_line, run_main_in_process, sha256,
                      start_logged, use_cached_mnist5k)
 from models.data.pairs import student_split
 from models.diffusion.noise import per_sample_noise
@@ -33,8 +33,9 @@ RESUME_ARGS = ["--epochs", "4", "--batch_size", "8", "--lr", "1e-3", "--cpu", "-
 def train(monkeypatch, capsys, mnist5k):
     """Runs train_direct_decoder.py's __main__ in this interpreter: train(*args) -> (exit code, stdout, stderr).
 
-    The evaluation's real images come from the session's cached mnist5k (parsing the CSV costs seconds)."""
-    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, mnist5k)
+    The evaluation's real images come from the session's cached mnist5k (parsing the CSV costs seconds), every 10th
+    image: both classifiers' passes and the k-NN radii scale with them, and what is asserted does not depend on them."""
+    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, every_nth_image(mnist5k, 10))
     return lambda *args: run_main_in_process(SCRIPT, args, monkeypatch, capsys)
 
 
@@ -490,20 +491,21 @@ def test_batchnorm_recalibration_gives_exact_statistics():
 # ---------------------------------------------------------------- more pairs than one generation run
 
 @pytest.fixture(scope="module")
-def more_pairs(tiny_teacher_ckpt, tmp_path_factory, script):
-    """Pairs of a new noise seed (1), and pairs that reuse the tiny pairs' seed (0) with another count."""
+def more_pairs(tiny_teacher_ckpt, tmp_path_factory):
+    """Pairs of a new noise seed (1), and pairs that reuse the tiny pairs' seed (0) with another count (made in this
+    interpreter: the command line of generate_training_data.py is tested in tests/test_generate.py)."""
+    from models.stages.generate import GenerateOptions, generate_training_data
     made = {}
     for name, seed, n in (("seed1", 1, 24), ("seed0_again", 0, 24)):
         out = tmp_path_factory.mktemp(name)
-        proc = script("generate_training_data.py", "--ckpt", tiny_teacher_ckpt, "--output_dir", out, "--n_samples", n,
-                      "--batch_size", 8, "--steps", 5, "--spacing", "leading", "--seed", seed, "--cpu")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        generate_training_data(GenerateOptions(ckpt=str(tiny_teacher_ckpt), output_dir=str(out), n_samples=n,
+                                               batch_size=8, steps=5, spacing="leading", seed=seed, cpu=True))
         made[name] = out / "training_data.pt"
     return made
 
 
 def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pairs, more_pairs, tmp_path, train,
-                                                    script):
+                                                    monkeypatch, capsys):
     out = tmp_path / "run"
     args = ["--ddpm_ckpt", tiny_teacher_ckpt, "--data_path", tiny_pairs, more_pairs["seed1"], "--output_dir", out,
             "--epochs", "1", "--batch_size", "8", "--cpu", "--no_evaluate"]
@@ -524,9 +526,10 @@ def test_several_pair_files_are_merged_and_recorded(tiny_teacher_ckpt, tiny_pair
     assert ckpt["config"]["n_pairs"] == 64
     # The generalization bench regenerates each merged pair from its own file's seed: its trained-on MSE is the MSE
     # to the merged file's teacher images at the same indices.
-    proc = script("bench/bench_student_generalization.py", "--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt",
-                  out / "ckpt_epoch_001.pt", "--n", 6, "--record", tmp_path / "gen.jsonl", "--cpu")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = run_main_in_process(REPO / "bench" / "bench_student_generalization.py",
+                                       ["--ddpm_ckpt", tiny_teacher_ckpt, "--decoder_ckpt", out / "ckpt_epoch_001.pt",
+                                        "--n", 6, "--record", tmp_path / "gen.jsonl", "--cpu"], monkeypatch, capsys)
+    assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "gen.jsonl").read_text().splitlines()[-1])
     assert record["pairs_seeds"] == [0, 1]
     idx = sorted(int(i) for i in student_split(64, 0.1, 0)[0][:6])  # 6: as many as the validation split holds
