@@ -42,7 +42,8 @@ TEACHER_RUN_ARGS = TINY_TRAIN_ARGS + ["--steps", "8", "--save_every", "4", "--lo
 # student 69, serve 48, pipeline 35, quickstart 32, ...; the quickstart goes second: it needs none of the shared tiny
 # fixtures, so its worker does not wait while the other builds them). Files not listed (new ones) follow, in their
 # usual order.
-LONGEST_FIRST = ("test_faults.py", "test_quickstart.py", "test_distributed.py", "test_student.py", "test_serve.py",
+LONGEST_FIRST = ("test_faults.py", "test_quickstart.py", "test_distributed.py", "test_student.py", "test_train_phases.py",
+                 "test_serve.py", "test_layer_hooks.py",
                  "test_pipeline.py", "test_bad_input.py", "test_train_ddpm.py", "test_features.py",
                  "test_adversarial.py", "test_attribution.py", "test_attribution_rule.py", "test_verify_models.py",
                  "test_generate.py", "test_hook_styles.py", "test_samplers.py", "test_notebook.py",

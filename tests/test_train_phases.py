@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import models.evaluation.evaluate
-from helpers import assert_identical, load_pt, one_error_line, run_main_in_process, use_cached_mnist5k
+from helpers import assert_identical, every_nth_image, load_pt, one_error_line, run_main_in_process, use_cached_mnist5k
 from models.training.student import (StudentTrainOptions, TrainingPhase, phase_of, phased_lr_factor,
                                      train_student, training_phases)
 from models.training.optim import warmup_cosine
@@ -52,17 +52,23 @@ def test_each_phase_has_its_own_warm_up_and_cosine():
     assert max(factor(s) for s in range(20, 50)) == pytest.approx(0.2)
 
 
+@pytest.fixture(scope="module")
+def mnist500(mnist5k):
+    """The discriminator's real digits and the val FD's real images: every 10th (the assertions need no more)."""
+    return every_nth_image(mnist5k, 10)
+
+
 @pytest.fixture
-def train(monkeypatch, capsys, mnist5k):
-    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, mnist5k)
-    monkeypatch.setattr("models.data.datasets.load_dataset", lambda *a, **k: mnist5k)
+def train(monkeypatch, capsys, mnist500):
+    use_cached_mnist5k(monkeypatch, models.evaluation.evaluate, mnist500)
+    monkeypatch.setattr("models.data.datasets.load_dataset", lambda *a, **k: mnist500)
     return lambda *args: run_main_in_process(SCRIPT, args, monkeypatch, capsys)
 
 
 @pytest.fixture(scope="module")
-def phased_run(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory, mnist5k):
+def phased_run(tiny_teacher_ckpt, tiny_pairs, tmp_path_factory, mnist500):
     mp = pytest.MonkeyPatch()
-    mp.setattr("models.data.datasets.load_dataset", lambda *a, **k: mnist5k)
+    mp.setattr("models.data.datasets.load_dataset", lambda *a, **k: mnist500)
     out = tmp_path_factory.mktemp("phased") / "run"
     try:
         train_student(StudentTrainOptions(
