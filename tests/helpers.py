@@ -286,3 +286,20 @@ def served_test_client(tiny_pipeline, workdir: Path):
                                 "features": str(tiny_pipeline.features)})
     with TestClient(create_app(GenerationService(pipe), jobs, info)) as client:
         yield client, pipe
+
+
+def run_gallery(tiny_pipeline, repo_root, out: Path, extra: list, monkeypatch, capsys) -> tuple[int, str]:
+    """test_direct_decoder.py on the tiny pair (3 samples, class 0) with ``extra`` options, in this interpreter:
+    the exit code and stderr."""
+    common = ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student, "--n_samples", 3,
+              "--target_class", 0, "--cpu"]
+    code, _, err = run_main_in_process(repo_root / "test_direct_decoder.py", [*common, *extra, "--output_dir", out],
+                                       monkeypatch, capsys)
+    return code, err
+
+
+def gallery_panel(out: Path, name: str):
+    """One of the gallery's PNG panels as a grey-level array."""
+    import numpy as np
+    from PIL import Image
+    return np.asarray(Image.open(Path(out) / f"{name}.png").convert("L"))

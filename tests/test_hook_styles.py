@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_pt, one_error_line, run_main_in_process, served_test_client
+from helpers import gallery_panel, load_pt, one_error_line, run_gallery, run_main_in_process, served_test_client
 from models.api import DirectDecoderPipeline
 from models.io.errors import PipelineError
 from models.server.generation import HookStyle
@@ -199,21 +199,13 @@ def test_make_figures_strip_rises_from_the_unhooked_images(tiny_pipeline, tmp_pa
 def test_gallery_class_hook_takes_the_style(tiny_pipeline, tmp_path, monkeypatch, capsys, repo_root):
     """test_direct_decoder.py --hook_style: the gallery's class panel (probes stand in for reference features) differs
     by style, strength 0.5 of the mean style is the classifier-weighted mean hook, and a bad style is one line."""
-    from PIL import Image
-    common = ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student, "--n_samples", 3,
-              "--target_class", 0, "--cpu"]
     panels = {}
     for style in HOOK_STYLES:
-        code, _, err = run_main_in_process(repo_root / "test_direct_decoder.py",
-                                           [*common, "--hook_style", style, "--output_dir", tmp_path / style],
-                                           monkeypatch, capsys)
+        code, err = run_gallery(tiny_pipeline, repo_root, tmp_path / style, ["--hook_style", style], monkeypatch, capsys)
         assert code == 0, err
         assert json.loads((tmp_path / style / "hook_effects.json").read_text())["hook_style"] == style
-        panels[style] = np.asarray(Image.open(tmp_path / style / "class_0.png").convert("L"))
-        assert np.array_equal(np.asarray(Image.open(tmp_path / style / "include.png").convert("L")),
-                              np.asarray(Image.open(tmp_path / "mean" / "include.png").convert("L")))
+        panels[style] = gallery_panel(tmp_path / style, "class_0")
+        assert np.array_equal(gallery_panel(tmp_path / style, "include"), gallery_panel(tmp_path / "mean", "include"))
     assert not np.array_equal(panels["mean"], panels["shift"])
-    code, _, err = run_main_in_process(repo_root / "test_direct_decoder.py",
-                                       [*common, "--hook_style", "median", "--output_dir", tmp_path / "bad"],
-                                       monkeypatch, capsys)
+    code, err = run_gallery(tiny_pipeline, repo_root, tmp_path / "bad", ["--hook_style", "median"], monkeypatch, capsys)
     assert code == 1 and "--hook_style" in one_error_line(err) and not (tmp_path / "bad").exists()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_pt, one_error_line, run_main_in_process, served_test_client
+from helpers import gallery_panel, load_pt, one_error_line, run_gallery, run_main_in_process, served_test_client
 from models.api import DirectDecoderPipeline
 from models.nets.layers import BOTTLENECK, LayerError, LayerHook, at_layer, compose, layer_names
 from models.steering.hooks import HOOK_STYLES
@@ -220,23 +220,16 @@ def test_attribution_stage_hooks_at_the_chosen_layer(tiny_pipeline, pipe, tmp_pa
 
 
 def test_gallery_hooks_at_the_chosen_layer(tiny_pipeline, tmp_path, monkeypatch, capsys, repo_root):
-    from PIL import Image
-    common = ["--ddpm_ckpt", tiny_pipeline.teacher, "--decoder_ckpt", tiny_pipeline.student, "--n_samples", 3,
-              "--target_class", 0, "--cpu"]
     panels = {}
     for layer in ("bottleneck", "up2"):
-        code, _, err = run_main_in_process(repo_root / "test_direct_decoder.py",
-                                           [*common, "--hook_layer", layer, "--output_dir", tmp_path / layer],
-                                           monkeypatch, capsys)
+        code, err = run_gallery(tiny_pipeline, repo_root, tmp_path / layer, ["--hook_layer", layer], monkeypatch, capsys)
         assert code == 0, err
         assert json.loads((tmp_path / layer / "hook_effects.json").read_text())["hook_layer"] == layer
-        panels[layer] = np.asarray(Image.open(tmp_path / layer / "include.png").convert("L"))
-        assert np.array_equal(np.asarray(Image.open(tmp_path / layer / "baseline.png").convert("L")),
-                              np.asarray(Image.open(tmp_path / "bottleneck" / "baseline.png").convert("L")))
+        panels[layer] = gallery_panel(tmp_path / layer, "include")
+        assert np.array_equal(gallery_panel(tmp_path / layer, "baseline"),
+                              gallery_panel(tmp_path / "bottleneck", "baseline"))
     assert not np.array_equal(panels["bottleneck"], panels["up2"])
-    code, _, err = run_main_in_process(repo_root / "test_direct_decoder.py",
-                                       [*common, "--hook_layer", "mid", "--output_dir", tmp_path / "bad"],
-                                       monkeypatch, capsys)
+    code, err = run_gallery(tiny_pipeline, repo_root, tmp_path / "bad", ["--hook_layer", "mid"], monkeypatch, capsys)
     assert code == 1 and "--hook_layer must be one of bottleneck, up1, up2" in one_error_line(err)
     assert not (tmp_path / "bad").exists()
 
