@@ -161,6 +161,6 @@ def test_records_name_reference_features_by_hash_and_rebuild_command(tmp_path):
     assert record["sha256"] == hashlib.sha256(b"features").hexdigest() and str(tmp_path) not in json.dumps(record)
     assert record["rebuild"] == ("python extract_reference_features.py --ddpm_ckpt checkpoints/teacher_mnist5k.pt "
                                  "--decoder_ckpt checkpoints/student_mnist5k.pt --method image_encoder "
-                                 "--encoder_steps 1500 --encoder_teacher_pairs_fraction 0.0 --seed 0 "
+                                 "--encoder_steps 1500 --encoder_lr 0.001 --encoder_teacher_pairs_fraction 0.0 --seed 0 "
                                  "--attribution_rule shape --output_path FEATURES.pt")
     assert (record["encoder_steps"], record["consistency"], record["attribution_rule"]) == (1500, 0.93, "shape")

@@ -50,8 +50,11 @@ def mean_similarity(feats: torch.Tensor, targets: torch.Tensor) -> float:
     return F.cosine_similarity(feats, targets.mean(0, keepdim=True), dim=1).mean().item()
 
 
-ENCODER_FLAGS = (("encoder_steps", "steps"), ("encoder_teacher_pairs_fraction", "teacher_pairs_fraction"),
-                 ("seed", "seed"))  # the extraction flags behind the image encoder's recorded options
+ENCODER_FLAGS = (("encoder_steps", "steps"), ("encoder_lr", "lr"), ("encoder_batch_size", "batch_size"),
+                 ("encoder_pool_size", "pool_size"), ("encoder_frozen_blocks", "frozen_blocks"),
+                 ("encoder_teacher_pairs_fraction", "teacher_pairs_fraction"), ("seed", "seed"))
+# the extraction flags behind the image encoder's recorded options: all of them, so that a rebuild command stays
+# right when a default changes
 
 
 def features_provenance(path, reference: dict) -> dict:

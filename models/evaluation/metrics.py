@@ -37,8 +37,9 @@ def frechet_distance(feats_a, feats_b) -> float:
 
 
 def _kth_neighbour_radii(feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """Distance from each point to its k-th nearest other point (the point itself is the 0-th)."""
-    return torch.cat([torch.cdist(feats[i:i + chunk], feats).kthvalue(k + 1, dim=1).values
+    """Distance from each point to its k-th nearest other point (the point itself is the 0-th). topk, not
+    kthvalue: the same values, about 10x faster on the CPU for rows of thousands."""
+    return torch.cat([torch.cdist(feats[i:i + chunk], feats).topk(k + 1, dim=1, largest=False).values[:, -1]
                       for i in range(0, len(feats), chunk)])
 
 

@@ -38,7 +38,7 @@ PRESETS = {
     "demo": {"n_pairs": 1200, "pairs_seed": 8, "init_from": DEFAULT_STUDENT,
              "gen_batch": 250, "gen_channels_last": True, "epochs": 3, "train_batch": 32, "lr": 1e-4,
              "val_fraction": 0.2, "perceptual_weight": 0.0, "class_weight": 0.05, "adv_weight": 2.0,
-             "encoder_steps": 300, "encoder_pool_size": 2048, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
+             "encoder_steps": 200, "encoder_pool_size": 2048, "feature_batch": 500, "n_attr": 36, "n_eval": 256},
     # From the teacher alone, the recipe that made the shipped student in one run (README "Bring your own teacher"):
     # regression with the perceptual term, then the adversarial phase (adversarial and class terms, no perceptual
     # term) at a lower learning rate, after the discriminator's warm-up. Pairs from DDIM K = 25 leading, the sampler
@@ -49,7 +49,7 @@ PRESETS = {
                           "gen_channels_last": True, "epochs": 10, "adv_start_epoch": 6, "train_batch": 32,
                           "lr": 1e-3, "adv_lr": 3e-4, "perceptual_weight": 0.05, "adv_perceptual_weight": 0.0,
                           "adv_weight": 4.0, "class_weight": 0.05, "disc_warmup_steps": 50,
-                          "encoder_steps": 300, "encoder_pool_size": 2048, "feature_batch": 500, "n_attr": 36,
+                          "encoder_steps": 200, "encoder_pool_size": 2048, "feature_batch": 500, "n_attr": 36,
                           "n_eval": 256},
     # The same recipe at the scale a 2-core CPU runs overnight: 12,000 pairs (of seed 21, which no shipped model
     # trained on), 10 epochs of regression and 40 adversarial ones at the shipped legs' steadier share 2.0 (share 4.0
