@@ -180,3 +180,12 @@ def test_image_quality_report_on_real_digits(shipped):
     assert report["mean_confidence"] > 0.9
     assert len(report["class_shares"]) == 10 and all(0.05 < s < 0.15 for s in report["class_shares"])
     assert all(0.05 < p < 0.15 for p in report["mean_class_probability"])
+
+
+def test_kth_neighbour_radii_match_a_full_sort():
+    """The k-NN radii behind precision / recall: each point's distance to its k-th nearest other point, chunk by
+    chunk, as sorting every row of the full distance matrix gives it."""
+    from models.evaluation.metrics import _kth_neighbour_radii
+    feats = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    expected = torch.cdist(feats, feats).sort(dim=1).values[:, 3]  # column 0 is the point itself
+    assert torch.allclose(_kth_neighbour_radii(feats, 3, chunk=64), expected, rtol=0, atol=1e-5)
