@@ -155,9 +155,16 @@ def tiny_teacher_run(shared_root) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_teacher_ckpt(tiny_teacher_run) -> Path:
-    """Path of a tiny teacher checkpoint (base_dim 4, T=50) written by train_ddpm.py."""
-    return tiny_teacher_run["final"]
+def tiny_teacher_ckpt(tiny_teacher_run, shared_root) -> Path:
+    """Path of a tiny teacher (base_dim 4, T=50): train_ddpm.py's last checkpoint without the optimizer and scheduler
+    state, as a user's teacher comes (the upstream format has none). The later stages load it hundreds of times in a
+    run, and that state is over half of the tensors the weights_only unpickler reads one by one."""
+    def build(directory: Path) -> dict:
+        ckpt = torch.load(tiny_teacher_run["final"], weights_only=True)
+        out = directory / "teacher.pt"
+        torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler")}, out)
+        return {"path": str(out)}
+    return Path(built_once(shared_root, "tiny_teacher_weights", build)["path"])
 
 
 def run_script(script: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -303,3 +303,43 @@ def test_one_line_for_a_failure_however_many_ranks_see_it(monkeypatch):
             ranks.agree(fail if rank == 1 else (lambda: None))
         assert type(err.value) is expected and err.value.exit_code == 2
         assert getattr(err.value, "quiet", False) == (rank != 1)
+
+
+@pytest.mark.parametrize("outcome, code, torn_down", [("done", 0, True), ("refused", 2, False), ("ctrl-c", 130, False)])
+def test_a_torchrun_rank_ends_with_its_stage_exit_code_and_skips_interpreter_shutdown(outcome, code, torn_down,
+                                                                                       monkeypatch, capsys):
+    """Under torchrun, run_cli ends the rank with os._exit once the group is left (a finished run's rank 0 aborted
+    with SIGABRT during interpreter shutdown: a gloo worker thread dropped the last barrier's tensors then), after
+    flushing what the stage printed; a plain run (no process group) returns or exits as before."""
+    from models.io import distributed
+    from models.io.errors import MissingInputError, run_cli
+
+    class Exited(BaseException):
+        pass
+
+    events = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "_stop", lambda: events.append("teardown"))
+    monkeypatch.setattr(distributed.os, "_exit", lambda c: (events.append(c), (_ for _ in ()).throw(Exited())))
+
+    def stage():
+        print("summary line")
+        if outcome == "refused":
+            raise MissingInputError("teacher checkpoint not found: t.pt")
+        if outcome == "ctrl-c":
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exited):
+        run_cli(stage)
+    assert events == (["teardown", 0] if torn_down else [code])
+    assert "summary line" in capsys.readouterr().out
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    events.clear()
+    if outcome == "done":
+        assert run_cli(stage) is None
+    else:
+        with pytest.raises(SystemExit) as exited:
+            run_cli(stage)
+        assert exited.value.code == code
+    assert events == []

@@ -80,6 +80,8 @@ def test_checkpoint_is_self_describing(tiny_student, tiny_teacher_ckpt, tiny_pai
     assert best["val_loss"] == lowest["val_loss"] == min(c["val_loss"] for c in epochs.values())
     assert best["epoch"] == lowest["epoch"]
     assert_identical(best["model_ema"], lowest["model_ema"], "best_model.model_ema")
+    # ... without what only --resume reads from the epoch checkpoints
+    assert set(lowest) - set(best) == {"optimizer", "scheduler"}
 
     loaded = load_student(tiny_student)  # no architecture flags
     decoder = loaded.decoder

@@ -96,8 +96,8 @@ def test_resume_after_kill_is_bitwise_identical(killed_run, tiny_teacher_run, tm
 
 # ---------------------------------------------------------------- checkpoint format
 
-def test_checkpoint_is_upstream_format(tiny_teacher_ckpt, tmp_path):
-    ckpt = load_pt(tiny_teacher_ckpt)
+def test_checkpoint_is_upstream_format(tiny_teacher_run, tmp_path):
+    ckpt = load_pt(tiny_teacher_run["final"])
     assert {"model", "model_ema", "kind", "model_args", "config", "step", "optimizer", "scheduler"} <= set(ckpt)
     model, ema = ckpt["model"], ckpt["model_ema"]
     assert "n_averaged" in ema and int(ema["n_averaged"]) == 4  # EMA updates at steps 0, 2, 4, 6
@@ -118,7 +118,7 @@ def test_checkpoint_is_upstream_format(tiny_teacher_ckpt, tmp_path):
     averaged = AveragedModel(MNISTDiffusion(cfg), use_buffers=True)
     averaged.load_state_dict(ema, strict=True)
 
-    teacher = load_teacher(tiny_teacher_ckpt)
+    teacher = load_teacher(tiny_teacher_run["final"])
     assert teacher.weights == "ema"
     assert (teacher.config.base_dim, list(teacher.config.dim_mults), teacher.config.timesteps) == (4, [2, 4], 50)
     assert torch.equal(teacher.diffusion.model.final_conv.weight, stripped["model.final_conv.weight"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -206,6 +207,22 @@ def _stop() -> None:
         except Exception:  # a peer is gone: nothing left to tear down cleanly
             return
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Ends a torchrun rank with ``code``, after the teardown when it succeeded: returns only when no process group
+    was started. *Why not a normal exit:* gloo's worker threads outlive destroy_process_group and may still hold the
+    last reference to a collective's tensors; when one drops it while the interpreter shuts down, it needs the GIL,
+    the thread is killed mid-destructor and the process aborts (SIGABRT, "terminate called without an active
+    exception") after a run that had finished. A rank's files are all written and closed by then, so nothing
+    Python would do at shutdown is lost."""
+    if not dist.is_initialized():
+        return
+    if code == 0:
+        _stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _is_peer_failure(err: BaseException) -> bool:

@@ -42,11 +42,24 @@ def run_cli(main: Callable[[], Any], resumable: bool = True) -> None:
         _close_progress_bars()
         if not getattr(err, "quiet", False):  # quiet: another torchrun rank printed the line (io/distributed.py)
             print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        _exit(err.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("interrupted: rerun the same command to resume" if resumable else "interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
+    _leave_process_group(0)
+
+
+def _exit(code: int) -> None:
+    _leave_process_group(code)
+    sys.exit(code)
+
+
+def _leave_process_group(code: int) -> None:
+    """Under torchrun, ends the process here (io/distributed.py ``exit_process``); otherwise returns."""
+    distributed = sys.modules.get(__package__ + ".distributed")  # never imported: no process group to leave
+    if distributed is not None:
+        distributed.exit_process(code)
 
 
 def _close_progress_bars() -> None:

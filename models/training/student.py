@@ -79,6 +79,9 @@ class StudentTrainOptions:
     fresh_discriminator: bool = False  # with init_from: a new discriminator instead of continuing the student's
 
 
+RESUME_ONLY = ("optimizer", "scheduler")  # in ckpt_epoch_XXX.pt, not in best_model.pt
+
+
 def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     """EMA with the usual warm-up min(decay, (1+n)/(10+n)): short runs still average something meaningful."""
     def ema_avg(avg, new, num_averaged):
@@ -569,8 +572,9 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
                 student_preview = ema.module.eval()(noise[preview]).float().clamp(-1, 1)
             save_image_grid(torch.cat([images[preview], student_preview]), out / f"samples_epoch_{epoch_no:03d}.png",
                             nrow=len(preview))
-            if improved:
-                atomic_save(ckpt, out / "best_model.pt")
+            if improved:  # what the later stages load: without the optimizer's state (half its tensors, which
+                # weights_only unpickles one by one), which only --resume reads, from the epoch checkpoint
+                atomic_save({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}, out / "best_model.pt")
             plot_metric_curves(stats_path, out / "loss.png", keys=("train_loss", "val_loss"), x="epoch", log_y=True)
             # last: --resume continues after the newest epoch checkpoint, so the epoch's other files must be written
             atomic_save(ckpt, out / f"ckpt_epoch_{epoch_no:03d}.pt")
