@@ -128,7 +128,9 @@ def main():
                                                        replace(cfg, rotations=(), stroke=0), TOP_K)[1],
              "shape: views only": lambda: shape_top_k(queries, reference_views(real, replace(cfg, shift=0)),
                                                       replace(cfg, shift=0), TOP_K)[1],
-             "shape (the default rule)": lambda: shape_top_k(queries, reference_views(real, cfg), cfg, TOP_K)[1]}
+             "shape, cosine order (no distortion re-ranking)": lambda: shape_top_k(queries, reference_views(real, cfg),
+                                                                                  cfg, TOP_K)[1],
+             "shape (the default rule)": lambda: shape_top_k(queries, reference_views(real, cfg), cfg, TOP_K, real)[1]}
     result = {"n": a.n, "seed": a.seed, "labels_by": "audit classifier", "agreement": {}}
     if a.contrastive_steps:
         ref_emb, query_emb, seconds = contrastive_features(real, queries, a.contrastive_steps)

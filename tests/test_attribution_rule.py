@@ -13,8 +13,8 @@ import torch
 from helpers import assert_identical, load_pt, run_main_in_process, use_cached_mnist5k
 from models.api import DirectDecoderPipeline
 from models.io.errors import PipelineError
-from models.steering.shape_match import (ShapeMatch, calibration_rows, cosine_calibration, percentile,
-                                         reference_views, shape_record, shape_top_k)
+from models.steering.shape_match import (ShapeMatch, calibration_rows, cosine_calibration, distortion_distance,
+                                         percentile, reference_views, shape_record, shape_similarity, shape_top_k)
 
 SETTINGS = ShapeMatch()
 
@@ -53,6 +53,44 @@ def test_shape_rule_forgives_a_shift_and_percentiles_separate_a_near_copy_from_a
     assert percentile(scores[:, -1:], record["calibration"]).item() < 50.0
 
 
+def _digit_like() -> torch.Tensor:
+    """A [-1, 1] image with a bent stroke well inside the frame: an L and a short diagonal."""
+    x = -torch.ones(1, 1, 28, 28)
+    x[..., 8:20, 10:12] = 1.0
+    x[..., 18:20, 10:18] = 1.0
+    for i in range(5):
+        x[..., 9 + i, 14 + i] = 1.0
+    return x
+
+
+def test_distortion_distance_forgives_moves_within_its_window_only():
+    """Zero to itself and to the same image moved by up to ``distortion_window`` pixels (every pixel finds its match
+    that far away), positive beyond; a moved copy ranks above a different image."""
+    image, other = _digit_like(), _stroke_image(slice(13, 15), slice(6, 22))
+    w = SETTINGS.distortion_window
+    moved = [torch.roll(image, shifts=(d, d), dims=(-2, -1)) for d in (0, 1, w, w + 1)]
+    d = distortion_distance(image, torch.cat(moved + [other]).unsqueeze(0), SETTINGS)[0]
+    assert d[:3].abs().max().item() < 1e-6
+    assert d[3].item() > 1e-3 and d[4].item() > d[3].item()
+
+
+def test_the_cosine_pool_is_reordered_by_distortion_distance(mnist5k):
+    """With the reference images, the top k are the ``rerank`` best by cosine, ordered by distortion distance; the
+    scores stay each one's cosine."""
+    references, queries = mnist5k.images[:200].half().float(), mnist5k.images[200:206] * 0.8
+    settings = dataclasses.replace(SETTINGS, rerank=20)
+    views = reference_views(references, settings)
+    cosines = shape_similarity(queries, views, settings)
+    pool = cosines.topk(20, dim=1).indices
+    scores, idx = shape_top_k(queries, views, settings, 5, references)
+    for q in range(len(queries)):
+        dist = distortion_distance(queries[q:q + 1], references[pool[q]].unsqueeze(0), settings)[0]
+        assert torch.equal(idx[q], pool[q][dist.argsort()[:5]])
+        torch.testing.assert_close(scores[q], cosines[q, idx[q]])
+    plain = shape_top_k(queries, views, settings, 5)[1]  # without the images: the cosine order
+    assert torch.equal(plain, cosines.topk(5, dim=1).indices) and not torch.equal(plain, idx)
+
+
 def test_calibration_rows_depend_on_the_set_size_alone():
     assert calibration_rows(10, 4).tolist() == [0, 3, 6, 9]
     assert calibration_rows(3, 256).tolist() == [0, 1, 2]
@@ -72,7 +110,8 @@ def test_extraction_stores_the_shape_rule_and_reads_it_back(tiny_pipeline, mnist
                                       str(tiny_pipeline.features), device="cpu")
     assert pipe.steering.default_attribute_by == "shape"
     out = pipe.generate(4, seed=3, top_k=3)
-    scores, idx = shape_top_k(out.images, reference_views(rule["images"].float(), SETTINGS), SETTINGS, 3)
+    scores, idx = shape_top_k(out.images, reference_views(rule["images"].float(), SETTINGS), SETTINGS, 3,
+                              rule["images"])
     assert out.attribute_by == "shape" and torch.equal(out.top_k_indices, idx)
     torch.testing.assert_close(out.top_k_scores, scores)
     assert torch.equal(out.top_k_labels, ref["labels"][idx])

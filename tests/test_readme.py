@@ -1,7 +1,8 @@
 """The README's notebook example runs as written (paths pointed at the tiny pipeline)."""
 import re
-
 from pathlib import Path
+
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,5 +25,8 @@ def test_readme_api_example_runs(tiny_pipeline, capsys):
     assert scope["mixed"].features.shape[1:] == scope["pipe"].student.decoder.bottleneck_shape
     assert scope["teacher_view"].shape == (8, 1, 28, 28)
     assert scope["indices"].shape == (8, 5) and scope["feats"].shape == scope["base"].features.shape
-    assert (scope["scores"][:, :-1] >= scope["scores"][:, 1:]).all()  # ranked, best first
+    # ranked by the features' rule (shape: the cosine's best, ordered by distortion distance), scores its cosines
+    pipe, teacher_view = scope["pipe"], scope["teacher_view"]
+    scores, indices, _ = pipe.steering.attribute_shape(teacher_view, 5)
+    assert torch.equal(scope["indices"], indices) and torch.equal(scope["scores"], scores)
     assert capsys.readouterr().out.strip(), "the example prints its attributions"

@@ -4,7 +4,9 @@ change a digit (a one-pixel shift, a slight rotation, a thinner or thicker strok
 Both sides are blurred (Gaussian, sigma 1 px: the student draws soft strokes, training digits are sharp); the
 generation is compared at its 3 x 3 one-pixel shifts, each training image in five views (as drawn, rotated by -10
 and +10 degrees, stroke thinned and thickened by a half blend with a 3 x 3 erosion or dilation); a pair's score is
-the best cosine over all 45 combinations. No label, classifier or training enters: the rule depends on the images
+the best cosine over all 45 combinations. The 50 best by that score are then ordered by the image distortion
+model's distance (each pixel may find its match up to 2 px away, by its neighbourhood of gradients), which lets
+each part of a stroke move on its own. No label, classifier or training enters: the rule depends on the images
 alone, so label agreement stays an honest check of it. Measured against learned label-free alternatives (a
 contrastive head, PCA of augmented views, the teacher's encoder features) in BENCHMARKS.md, Attribution.
 
@@ -30,6 +32,8 @@ class ShapeMatch:
     rotations: tuple = (-10.0, 10.0)         # degrees; each training image also as drawn
     stroke: float = 0.5                      # thin and thick views: this share of a 3 x 3 erosion / dilation
     calibration_rows: int = 256              # reference rows whose nearest-other score calibrates percentiles
+    rerank: int = 50                         # this many best by cosine, re-ordered by distortion distance (0: off)
+    distortion_window: int = 2               # how far (pixels) a generation's pixel may look for its match
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShapeMatch":
@@ -98,14 +102,59 @@ def shape_similarity(images: torch.Tensor, views: torch.Tensor, cfg: ShapeMatch)
 
 
 @torch.inference_mode()
-def shape_top_k(images: torch.Tensor, views: torch.Tensor, cfg: ShapeMatch, k: int, chunk: int = 32):
-    """(scores, indices) of the k best reference images for each image, in chunks of ``chunk`` images."""
+def shape_top_k(images: torch.Tensor, views: torch.Tensor, cfg: ShapeMatch, k: int,
+                reference_images: torch.Tensor | None = None, chunk: int = 16):
+    """(scores, indices) of the k best reference images for each image, in chunks of ``chunk`` images. With the
+    ``reference_images`` (as stored, in [-1, 1]) and ``cfg.rerank``, the rerank best by cosine are re-ordered by
+    distortion distance, best first; the scores stay their cosines (what the percentiles calibrate), so they need
+    not fall along the list."""
+    rerank = bool(cfg.rerank) and reference_images is not None
+    pool = min(max(k, cfg.rerank) if rerank else k, views.shape[1])
+    if rerank:
+        reference_images = reference_images.to(views.device)
     scores, indices = [], []
     for lo in range(0, images.shape[0], chunk):
-        s, i = shape_similarity(images[lo:lo + chunk], views, cfg).topk(min(k, views.shape[1]), dim=1)
+        batch = images[lo:lo + chunk].to(views.device)
+        s, i = shape_similarity(batch, views, cfg).topk(pool, dim=1)
+        if rerank:
+            order = distortion_distance(batch, reference_images[i], cfg).argsort(1)[:, :k]
+            s, i = s.gather(1, order), i.gather(1, order)
         scores.append(s)
         indices.append(i)
     return torch.cat(scores), torch.cat(indices)
+
+
+_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def _gradient_context(images: torch.Tensor, cfg: ShapeMatch) -> torch.Tensor:
+    """[n, 18, H, W]: at each pixel, the 3 x 3 neighbourhood of the horizontal and vertical Sobel gradients of the
+    blurred image scaled to unit norm (gradients: where strokes run, not how dark they are)."""
+    x = gaussian_blur(_to_unit_interval(images), cfg.blur_sigma)
+    x = x / x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    kernels = torch.stack([_SOBEL, _SOBEL.t()]).unsqueeze(1).to(x)
+    grads = F.conv2d(x, kernels, padding=1)
+    return F.unfold(grads, 3, padding=1).view(x.shape[0], -1, *x.shape[-2:])
+
+
+@torch.inference_mode()
+def distortion_distance(images: torch.Tensor, candidates: torch.Tensor, cfg: ShapeMatch) -> torch.Tensor:
+    """[n, K]: the image distortion model's distance (Keysers et al., "Deformation models for image recognition",
+    2007) from each image [n, 1, H, W] to its candidates [n, K, 1, H, W]: every pixel of the image is matched to the
+    reference pixel within ``cfg.distortion_window`` whose gradient neighbourhood is closest, and the squared
+    differences are summed. Each part of a stroke may move on its own, which no global shift or rotation allows."""
+    w, (h, wd) = cfg.distortion_window, images.shape[-2:]
+    queries = _gradient_context(images, cfg)                                   # n D H W
+    out = []
+    for query, refs in zip(queries, candidates):  # one image at a time: its K x D x H x W stays in cache
+        ref = F.pad(_gradient_context(refs, cfg), (w, w, w, w))                # K D H+2w W+2w
+        best = None
+        for dy in range(2 * w + 1):
+            for dx in range(2 * w + 1):
+                d = (ref[..., dy:dy + h, dx:dx + wd] - query).square().sum(1)  # K H W
+                best = d if best is None else torch.minimum(best, d)
+        out.append(best.sum((1, 2)))
+    return torch.stack(out)
 
 
 def calibration_rows(n: int, count: int) -> torch.Tensor:

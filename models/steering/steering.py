@@ -188,7 +188,8 @@ class Steering:
         settings = ShapeMatch.from_dict(self.attribution["settings"])
         if self._shape_views is None:
             self._shape_views = reference_views(self.attribution["images"].float().to(self.device), settings)
-        scores, idx = shape_top_k(images.to(self.device).float(), self._shape_views, settings, k)
+        scores, idx = shape_top_k(images.to(self.device).float(), self._shape_views, settings, k,
+                                  self.attribution["images"])
         return scores.cpu(), idx.cpu(), self.labels[idx.cpu()]
 
     def percentiles(self, scores: torch.Tensor, by=None) -> torch.Tensor:
