@@ -55,6 +55,7 @@ def main():
     args = p.parse_args()
     require_extra(("httpx",), "test", "test")
     require_extra(SERVER_MODULES, "serve", "serve")
+    import httpx
     require_file(args.teacher, "teacher checkpoint")
     require_file(args.student, "student checkpoint")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
