@@ -7,6 +7,7 @@ Floating-point tensors are averaged elementwise; integer ones (BatchNorm batch c
 taken from the last checkpoint, as are its config and step. Optimizer and scheduler state are dropped: an average
 is a point no optimizer visited, so the result can start a new leg (train_ddpm.py --init_from) but not --resume.
 """
+from models.io.checkpoints import without_resume_state
 from models.io.cli import ArgumentParser
 from models.io.errors import PipelineError, run_cli
 from models.io.files import atomic_save
@@ -24,8 +25,7 @@ def average_checkpoints(teachers: list[LoadedTeacher]) -> dict:
             raise PipelineError(f"{teacher.path} and {last.path} do not share an architecture "
                                 f"({teacher.config.to_dict()} vs {last.config.to_dict()})")
     checkpoints = [t.checkpoint for t in teachers]
-    averaged = {k: v for k, v in last.checkpoint.items()
-                if k not in ("optimizer", "scheduler") and not k.startswith("_")}
+    averaged = {k: v for k, v in without_resume_state(last.checkpoint).items() if not k.startswith("_")}
     for name in WEIGHT_SETS:
         if name not in last.checkpoint:
             continue

@@ -15,6 +15,7 @@ import torch
 
 pytest.register_assert_rewrite("helpers")  # before the import: failures inside the helpers show their values
 from helpers import UPSTREAM_CKPT, built_once, load_pt, subprocess_env, upstream_fixture_problem  # noqa: E402
+from models.io.checkpoints import without_resume_state  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The upstream MNISTDiffusion fixture lives in shared/ beside the checkout (CI clones it so). Without it the tests that
@@ -162,7 +163,7 @@ def tiny_teacher_ckpt(tiny_teacher_run, shared_root) -> Path:
     def build(directory: Path) -> dict:
         ckpt = torch.load(tiny_teacher_run["final"], weights_only=True)
         out = directory / "teacher.pt"
-        torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler")}, out)
+        torch.save(without_resume_state(ckpt), out)
         return {"path": str(out)}
     return Path(built_once(shared_root, "tiny_teacher_weights", build)["path"])
 

@@ -12,6 +12,15 @@ from .errors import PipelineError
 from .files import require_file
 
 
+RESUME_ONLY = ("optimizer", "scheduler")  # what only --resume reads; a file others load can leave it out
+
+
+def without_resume_state(ckpt: dict) -> dict:
+    """``ckpt`` without the optimizer and scheduler state: the weights and records a later stage loads (the
+    optimizer's per-parameter state is over half the tensors, which weights_only unpickles one by one)."""
+    return {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "checkpoint",
                     fix: str = "", mmap: bool = False) -> dict:
     """Loads with ``weights_only=True`` straight onto ``device``; every failure becomes one actionable line.

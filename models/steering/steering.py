@@ -56,6 +56,7 @@ class Steering:
         self._encoder = None
         self.attribution = ref.get("attribution") or {}
         self._shape_views = None
+        self._shape_images = None  # the reference images as floats on the device, for the re-ranking
         self._calibration = dict(self.attribution.get("calibration") or {})
         self._layers = LayerFeatures(ref, decoder, self.features)
 
@@ -187,9 +188,10 @@ class Steering:
         self.resolve_attribute_by(SHAPE)  # features without the rule: one line saying so
         settings = ShapeMatch.from_dict(self.attribution["settings"])
         if self._shape_views is None:
-            self._shape_views = reference_views(self.attribution["images"].float().to(self.device), settings)
+            self._shape_images = self.attribution["images"].float().to(self.device)
+            self._shape_views = reference_views(self._shape_images, settings)
         scores, idx = shape_top_k(images.to(self.device).float(), self._shape_views, settings, k,
-                                  self.attribution["images"])
+                                  self._shape_images)
         return scores.cpu(), idx.cpu(), self.labels[idx.cpu()]
 
     def percentiles(self, scores: torch.Tensor, by=None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel
 from ..data.pairs import combine_training_pairs, load_training_pairs, read_merged_pairs, student_split
 from ..diffusion.sampling import autocast_for, configure_precision
 from ..evaluation.plots import plot_metric_curves
-from ..io.checkpoints import load_checkpoint
+from ..io.checkpoints import load_checkpoint, without_resume_state
 from ..io.device import pick_device
 from ..io.distributed import Ranks, naming_rank, start as start_ranks
 from ..io.errors import PipelineError
@@ -77,9 +77,6 @@ class StudentTrainOptions:
     init_from: str = ""         # continue a finished student (weights and EMA) under a new schedule / on new pairs
     init_from_other_teacher: bool = False  # allow init_from a student of another teacher with the same architecture
     fresh_discriminator: bool = False  # with init_from: a new discriminator instead of continuing the student's
-
-
-RESUME_ONLY = ("optimizer", "scheduler")  # in ckpt_epoch_XXX.pt, not in best_model.pt
 
 
 def make_student_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
@@ -572,9 +569,8 @@ def _train(opts: StudentTrainOptions, resume: bool, dry_run: bool, locks, ranks:
                 student_preview = ema.module.eval()(noise[preview]).float().clamp(-1, 1)
             save_image_grid(torch.cat([images[preview], student_preview]), out / f"samples_epoch_{epoch_no:03d}.png",
                             nrow=len(preview))
-            if improved:  # what the later stages load: without the optimizer's state (half its tensors, which
-                # weights_only unpickles one by one), which only --resume reads, from the epoch checkpoint
-                atomic_save({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}, out / "best_model.pt")
+            if improved:  # what the later stages load; --resume reads the epoch checkpoint
+                atomic_save(without_resume_state(ckpt), out / "best_model.pt")
             plot_metric_curves(stats_path, out / "loss.png", keys=("train_loss", "val_loss"), x="epoch", log_y=True)
             # last: --resume continues after the newest epoch checkpoint, so the epoch's other files must be written
             atomic_save(ckpt, out / f"ckpt_epoch_{epoch_no:03d}.pt")
