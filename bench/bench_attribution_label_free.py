@@ -107,6 +107,10 @@ def main():
     p.add_argument("--seed", type=int, default=3, help="noise seed of the generations (a development seed)")
     p.add_argument("--contrastive_steps", type=int, default=300, help="SimCLR steps (0: skip the contrastive head)")
     p.add_argument("--audit_classifier", default=AUDIT_CLASSIFIER, help="labels the generations (no loss has seen it)")
+    p.add_argument("--distortion_windows", type=int, nargs="*", default=[],
+                   help="also the shape rule re-ranked with each of these distortion windows (pixels) ...")
+    p.add_argument("--rerank_pools", type=int, nargs="*", default=[],
+                   help="... and each of these pool sizes (the default rule's are 2 and 50; how they were chosen)")
     a = p.parse_args()
     pipe, _ = load_pipeline(a)
     meta = pipe.reference["metadata"]
@@ -117,6 +121,7 @@ def main():
     with torch.inference_mode():
         label = load_classifier(a.audit_classifier, "cpu")(queries).argmax(1)
     cfg = ShapeMatch()
+    views = reference_views(real, cfg)
     rules = {"pixel cosine (baseline)": lambda: top_k_similar(queries, real, TOP_K)[1],
              "blurred pixels": lambda: top_k_similar(gaussian_blur(queries, 1.0), gaussian_blur(real, 1.0), TOP_K)[1],
              "deskewed, blurred pixels": lambda: top_k_similar(gaussian_blur(deskew(queries), 1.0), gaussian_blur(deskew(real), 1.0),
@@ -128,9 +133,13 @@ def main():
                                                        replace(cfg, rotations=(), stroke=0), TOP_K)[1],
              "shape: views only": lambda: shape_top_k(queries, reference_views(real, replace(cfg, shift=0)),
                                                       replace(cfg, shift=0), TOP_K)[1],
-             "shape, cosine order (no distortion re-ranking)": lambda: shape_top_k(queries, reference_views(real, cfg),
-                                                                                  cfg, TOP_K)[1],
-             "shape (the default rule)": lambda: shape_top_k(queries, reference_views(real, cfg), cfg, TOP_K, real)[1]}
+             "shape, cosine order (no distortion re-ranking)": lambda: shape_top_k(queries, views, cfg, TOP_K)[1],
+             "shape (the default rule)": lambda: shape_top_k(queries, views, cfg, TOP_K, real)[1]}
+    for window in a.distortion_windows:
+        for pool in a.rerank_pools:
+            variant = replace(cfg, distortion_window=window, rerank=pool)
+            rules[f"shape re-ranked, window {window}, pool {pool}"] = \
+                lambda variant=variant: shape_top_k(queries, views, variant, TOP_K, real)[1]
     result = {"n": a.n, "seed": a.seed, "labels_by": "audit classifier", "agreement": {}}
     if a.contrastive_steps:
         ref_emb, query_emb, seconds = contrastive_features(real, queries, a.contrastive_steps)
